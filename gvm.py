@@ -1,0 +1,399 @@
+"""Stage 1 of DVPO: pretrain the global value model (GVM) on preference pairs (DVPO.md §2).
+
+Each pair (x, y_chosen, y_rejected) becomes two samples with terminal labels +1 and -1. A causal-LM backbone
+with a zero-initialised Linear(hidden, 1) head reads V(s_t) for every state s_t = (x, y_<t), t = 0..T, and
+regresses it on TD(lambda) return-to-go targets (gamma = 1 by default) bootstrapped from the current model.
+
+    python gvm.py                                   # the embedded world's SFT policy and pairs
+    python gvm.py --lam 1.0                         # Monte Carlo: every state's target is the label
+    python gvm.py --model Qwen/Qwen2.5-0.5B --data my_pairs.jsonl --out ckpt/gvm-qwen
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import world
+from world import UsageError, arg
+
+
+@dataclass
+class Args:
+    model: str = arg(world.SFT_DIR, "backbone: a local folder or hub name of a causal LM (default: the world's SFT policy)")
+    data: str = arg(world.PAIRS_TRAIN, "preference pairs with prompt/chosen/rejected: json, jsonl, parquet, csv, a saved dataset folder or a hub name")
+    eval_data: str = arg("", "held-out pairs; empty: the world's held-out pairs for the default --data, else --eval-frac of --data")
+    split: str = arg("train", "split to read when --data is a hub dataset")
+    eval_frac: float = arg(0.05, "fraction of --data held out when --eval-data is empty and --data is not the world's")
+    out: str = arg("ckpt/gvm", "output folder: backbone, head, tokenizer, value_model.json, metrics.jsonl, summary.json")
+    lam: float = arg(0.95, "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap")
+    gamma: float = arg(1.0, "discount of the return-to-go")
+    epochs: int = arg(3, "passes over the training pairs")
+    max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    batch_size: int = arg(32, "samples per optimizer step (a pair gives two samples)")
+    lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0")
+    warmup_steps: int = arg(20, "steps of linear learning-rate warmup")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_len: int = arg(512, "longest prompt+response in tokens; prompts are cut from the left, then responses from the right")
+    log_every: int = arg(20, "steps between printed and logged training lines")
+    eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)")
+    eval_batch_size: int = arg(128, "samples per forward pass during evaluation")
+    seed: int = arg(0, "seed for python, numpy and torch")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ValueModel(nn.Module):
+    """Backbone + Linear(hidden, 1) on every position, zero-initialised (§2). The reward model and critic of
+    the PPO baseline have the same shape."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        # §5.1: position ids from the mask, so left and right padding give the same values
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state
+        return self.head(hidden).squeeze(-1)
+
+
+def disable_dropout(model):
+    """§5.4: dropout off everywhere, including attention-probability dropout stored as a float."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
+
+
+def load_backbone(name, flag="--model"):
+    """Any Hugging Face causal LM (local folder or hub name) as a headless backbone, with its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    if not os.path.isdir(name) and world.looks_local(name):
+        raise UsageError(f"{flag} {name}: no such folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        backbone = AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = "the folder" if os.path.isdir(name) else "no such folder, and the hub"
+        raise UsageError(f"{flag} {name}: {where} gave no model ({str(e).splitlines()[0][:160]})") from None
+    if tok.eos_token_id is None:
+        raise UsageError(f"{flag} {name}: the tokenizer has no EOS token")
+    return disable_dropout(backbone), tok
+
+
+HEAD_FILE, META_FILE = "value_head.safetensors", "value_model.json"
+
+
+def save_value_model(model, tok, folder, meta):
+    from safetensors.torch import save_file
+    model.backbone.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, os.path.join(folder, HEAD_FILE))
+    with open(os.path.join(folder, META_FILE), "w") as f:
+        json.dump({**meta, "tokenizer_fingerprint": world.tokenizer_fingerprint(tok)}, f, indent=2)
+
+
+def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm"):
+    """Load a checkpoint written by save_value_model: (ValueModel, tokenizer, meta). Later stages use this."""
+    from safetensors.torch import load_file
+    meta_path = os.path.join(folder, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise UsageError(f"{flag} {folder}: not a {kind} checkpoint (no {META_FILE})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("kind") != kind:
+        raise UsageError(f"{flag} {folder}: holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
+    backbone, tok = load_backbone(folder, flag)
+    model = ValueModel(backbone)
+    model.head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
+    return model.to(device), tok, meta
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_rows(path, split="train", flag="--data"):
+    """Rows of a local json/jsonl/parquet/csv file, a saved dataset folder, or a hub dataset."""
+    import datasets
+    datasets.disable_progress_bars()
+    builders = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}
+    try:
+        if os.path.isfile(path):
+            ext = path.rsplit(".", 1)[-1].lower()
+            if ext not in builders:
+                raise UsageError(f"{flag} {path}: unsupported file type (use json, jsonl, parquet, csv or arrow)")
+            if os.path.getsize(path) == 0:
+                raise UsageError(f"{flag} {path}: the file is empty")
+            ds = datasets.load_dataset(builders[ext], data_files=path, split="train")
+        elif os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
+                                         ("dataset_info.json", "dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(path)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif os.path.isdir(path) or not world.looks_local(path):
+            ds = datasets.load_dataset(path, split=split)
+        else:
+            raise UsageError(f"{flag} {path}: no such file")
+    except UsageError:
+        raise
+    except Exception as e:  # datasets wraps parse errors in several exception types
+        raise UsageError(f"{flag} {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return list(ds)
+
+
+def validate_pairs(rows, path):
+    """Every row needs non-empty string prompt/chosen/rejected; errors name the file and 1-based row."""
+    if not rows:
+        raise UsageError(f"{path}: no rows")
+    for col in ("prompt", "chosen", "rejected"):
+        if col not in rows[0]:
+            raise UsageError(f"{path}: no '{col}' column (columns: {', '.join(rows[0])})")
+    for i, row in enumerate(rows, 1):
+        for col in ("prompt", "chosen", "rejected"):
+            v = row.get(col)
+            if not isinstance(v, str):
+                raise UsageError(f"{path} row {i}: '{col}' is missing or not a string")
+            if col != "prompt" and not v.strip():
+                raise UsageError(f"{path} row {i}: '{col}' is an empty response")
+    return rows
+
+
+def encode(tok, prompt, response, max_len):
+    """(prompt ids, response ids + EOS). The prompt is cut from the left, the response from the right."""
+    p = tok(prompt)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    r = r[:max_len - 1]
+    p = p[-(max_len - len(r)):]
+    return p, r
+
+
+def pair_samples(rows, tok, max_len, path):
+    """Two samples per pair: (prompt ids, response ids, label) with chosen -> +1, rejected -> -1."""
+    samples = []
+    for i, row in enumerate(rows, 1):
+        for col, label in (("chosen", 1.0), ("rejected", -1.0)):
+            p, r = encode(tok, row["prompt"], row[col], max_len)
+            if not p:
+                raise UsageError(f"{path} row {i}: the prompt has no tokens and the tokenizer adds no BOS")
+            samples.append((p, r, label))
+    return samples
+
+
+def collate(samples, pad_id):
+    """Right-padded batch. States s_0..s_T of a sample are read at positions P-1 .. P-1+T (§2)."""
+    L = max(len(p) + len(r) for p, r, _ in samples)
+    S = max(len(r) for _, r, _ in samples) + 1
+    B = len(samples)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)
+    state_pos = torch.zeros(B, S, dtype=torch.long)
+    state_mask = torch.zeros(B, S)
+    for b, (p, r, _) in enumerate(samples):
+        n = len(p) + len(r)
+        input_ids[b, :n] = torch.tensor(p + r)
+        attention_mask[b, :n] = 1
+        state_pos[b, :len(r) + 1] = torch.arange(len(p) - 1, n)
+        state_mask[b, :len(r) + 1] = 1
+    labels = torch.tensor([lab for _, _, lab in samples])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "state_pos": state_pos,
+            "state_mask": state_mask, "labels": labels}
+
+
+def state_values(model, batch):
+    """V(s_0..s_T) per sample, [B, S], zero where state_mask is 0."""
+    v = model(batch["input_ids"], batch["attention_mask"])
+    return v.gather(1, batch["state_pos"]) * batch["state_mask"]
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over left-aligned actions: (advantages, returns), zero where masked.
+    The state after the last valid action is terminal (value 0)."""
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_v = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def td_lambda_targets(values, state_mask, labels, gamma=1.0, lam=0.95):
+    """Return-to-go targets R(s_0..s_T) (§2): reward 0 on every token but the last, whose reward is the
+    label; R_t = A_t + V(s_t) with TD(lambda) advantages for t < T; the target of V(s_T) is the label."""
+    values = values.detach()
+    T = state_mask.sum(1).long() - 1  # index of the terminal state s_T
+    action_mask = state_mask[:, 1:]  # action t leads from s_t to s_{t+1}, valid for t < T
+    t = torch.arange(action_mask.shape[1], device=values.device)
+    rewards = labels[:, None] * (t[None] == (T - 1)[:, None])
+    _, returns = gae(rewards, values[:, :-1], action_mask, gamma, lam)
+    targets = torch.cat([returns, torch.zeros_like(returns[:, :1])], 1)
+    targets[torch.arange(len(T)), T] = labels
+    return targets
+
+
+def value_loss(values, targets, state_mask):
+    """1/2 * mean over valid states of (V - R)^2 (§2)."""
+    return 0.5 * masked_mean((values - targets) ** 2, state_mask)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def pairwise_accuracy(model, samples, pad_id, device, batch_size=128):
+    """Held-out accuracy of value(chosen) > value(rejected) (ties count half), by the value of the complete
+    response V(s_T) and by the mean of V(s_1..s_T) over response tokens. `samples` alternate chosen/rejected."""
+    was_training = model.training
+    model.eval()
+    final, mean = [], []
+    for i in range(0, len(samples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
+        v = state_values(model, batch)
+        m = batch["state_mask"].clone()
+        m[:, 0] = 0
+        T = batch["state_mask"].sum(1).long() - 1
+        final.append(v[torch.arange(len(T)), T].float().cpu())
+        mean.append(((v * m).sum(1) / m.sum(1)).float().cpu())
+    model.train(was_training)
+    final, mean = torch.cat(final), torch.cat(mean)
+
+    def acc(x):
+        c, r = x[0::2], x[1::2]
+        return ((c > r).float() + 0.5 * (c == r).float()).mean().item()
+
+    labels = torch.tensor([s[2] for s in samples])
+    return {"eval/pairwise_acc_final": acc(final), "eval/pairwise_acc_mean": acc(mean),
+            "eval/terminal_mse": ((final - labels) ** 2).mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def load_data(args):
+    """Training rows and held-out rows, with the file names used in messages."""
+    default_data = args.data == world.PAIRS_TRAIN
+    if default_data or args.model == world.SFT_DIR:
+        world.ensure_world()
+    train = validate_pairs(load_rows(args.data, args.split, "--data"), args.data)
+    if args.eval_data:
+        held = validate_pairs(load_rows(args.eval_data, args.split, "--eval-data"), args.eval_data)
+        return train, held, args.eval_data
+    if default_data:
+        return train, validate_pairs(load_rows(world.PAIRS_EVAL), world.PAIRS_EVAL), world.PAIRS_EVAL
+    if not 0 < args.eval_frac < 1:
+        raise UsageError(f"--eval-frac {args.eval_frac}: must lie in (0, 1) when --eval-data is empty")
+    order = list(range(len(train)))
+    random.Random(args.seed).shuffle(order)
+    n_eval = max(1, int(len(train) * args.eval_frac))
+    if len(train) - n_eval < 1:
+        raise UsageError(f"--data {args.data}: too few rows ({len(train)}) to hold out {args.eval_frac:.0%}")
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], f"{args.data} (held-out part)"
+
+
+def train(args: Args):
+    for name in ("epochs", "batch_size", "max_len", "log_every", "eval_every", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1):
+        raise UsageError("--lam must lie in [0, 1] and --gamma in (0, 1]")
+    device = world.pick_device(args.device)
+    world.seed_everything(args.seed)
+    train_rows, eval_rows, eval_name = load_data(args)
+    backbone, tok = load_backbone(args.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # masked: any id works
+    train_samples = pair_samples(train_rows, tok, args.max_len, args.data)
+    eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name)
+    model = ValueModel(backbone).to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    steps_per_epoch = math.ceil(len(train_samples) / args.batch_size)
+    total = steps_per_epoch * args.epochs if args.max_steps < 0 else args.max_steps
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (total - s) / max(1, total - args.warmup_steps))))
+    print(f"gvm: {n_params:,} params on {device}, {len(train_rows)} train pairs, {len(eval_rows)} held-out pairs, "
+          f"{total} steps of {args.batch_size} samples, lambda={args.lam}", flush=True)
+
+    t0 = time.time()
+    with world.atomic_dir(args.out) as tmp:
+        log = world.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
+        metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
+        log.write(0, metrics)
+        tqdm.write(f"eval step 0 | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
+                   f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f}")
+        rng = random.Random(args.seed)
+        step, bar = 0, tqdm(total=total, desc="gvm", leave=False)
+        while step < total:
+            order = list(range(len(train_samples)))
+            rng.shuffle(order)
+            for i in range(0, len(order), args.batch_size):
+                if step >= total:
+                    break
+                t_step = time.time()
+                batch = collate([train_samples[j] for j in order[i:i + args.batch_size]], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                values = state_values(model, batch)
+                # §2: targets from the current model without gradient; dropout is off, so the detached
+                # values of this forward equal a separate no-grad pass
+                targets = td_lambda_targets(values, batch["state_mask"], batch["labels"], args.gamma, args.lam)
+                loss = value_loss(values, targets, batch["state_mask"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                if step % args.log_every == 0 or step == total:
+                    m = {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
+                         "val/target_mean": masked_mean(targets, batch["state_mask"]).item(),
+                         "train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0],
+                         "train/epoch": step / steps_per_epoch, "time/step": time.time() - t_step,
+                         "time/elapsed": time.time() - t0}
+                    log.write(step, m)
+                    tqdm.write(f"step {step}/{total} | loss/value {m['loss/value']:.4f} | val/mean "
+                               f"{m['val/mean']:+.3f} | lr {m['train/lr']:.2e} | {m['time/elapsed']:.0f}s")
+                if step % args.eval_every == 0 or step == total:
+                    metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
+                    log.write(step, metrics)
+                    tqdm.write(f"eval step {step} | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
+                               f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f} | "
+                               f"terminal mse {metrics['eval/terminal_mse']:.3f}")
+        bar.close()
+        log.close()
+        wall = time.time() - t0
+        meta = {"kind": "gvm", "base_model": args.model, "data": args.data, "lam": args.lam, "gamma": args.gamma,
+                "label": "+1 chosen / -1 rejected"}
+        save_value_model(model, tok, tmp, meta)
+        summary = {**metrics, "train/steps": step, "train/pairs": len(train_rows), "eval/pairs": len(eval_rows),
+                   "params": n_params, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    print(f"saved {args.out}: held-out pairwise accuracy {metrics['eval/pairwise_acc_final']:.3f} (final value), "
+          f"{metrics['eval/pairwise_acc_mean']:.3f} (mean value), {wall:.0f}s", flush=True)
+    return summary
+
+
+def main(argv=None):
+    args = world.parse_args(Args, argv, __doc__)
+    world.run_main(lambda: train(args))
+
+
+if __name__ == "__main__":
+    main()

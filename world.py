@@ -1,0 +1,460 @@
+"""The embedded offline world: every script's default when no hub is reachable.
+
+A seeded, deterministic stand-in for "a pretrained LM plus human preference data" (Gao et al. 2022; the DPO
+paper's IMDB setup, DVPO.md §6):
+  corpus     short movie reviews from a small grammar (negation, intensifiers, "but" contrast), built from
+             words that VADER's lexicon knows, so sentiment depends on how tokens interact;
+  tokenizer  word-level, `tokenizers` wrapped as a transformers fast tokenizer, distinct BOS/EOS/PAD;
+  SFT policy a tiny Llama trained on the corpus, saved with `save_pretrained` (ckpt/sft);
+  prompts    review openings, split into RL-train and held-out (ckpt/data/prompts_*.jsonl);
+  gold judge VADER's compound score of the decoded response: a real scorer nobody here wrote;
+  pairs      two SFT samples per prompt, labelled by Bradley–Terry sampling on the gold score, optionally
+             with a fraction of labels flipped (ckpt/data/pairs_*.jsonl: prompt / chosen / rejected).
+
+    python world.py                      # build into ckpt/ (any script also does this on first use)
+    python world.py --label-flip 0.25    # AlpacaFarm-style label noise
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+ROOT = "ckpt"
+SFT_DIR = os.path.join(ROOT, "sft")
+DATA_DIR = os.path.join(ROOT, "data")
+PAIRS_TRAIN = os.path.join(DATA_DIR, "pairs_train.jsonl")
+PAIRS_EVAL = os.path.join(DATA_DIR, "pairs_eval.jsonl")
+PROMPTS_TRAIN = os.path.join(DATA_DIR, "prompts_train.jsonl")
+PROMPTS_EVAL = os.path.join(DATA_DIR, "prompts_eval.jsonl")
+MARKER = "world.json"  # written last: a data folder without it is an interrupted build
+
+
+# ---------------------------------------------------------------------------------------------- run plumbing
+# Shared by every stage: dataclass CLIs, user errors, device, seeding, atomic outputs, metrics.
+class UsageError(Exception):
+    """A user mistake (bad flag, file, row): reported as one line and exit code 2, never a traceback."""
+
+
+def run_main(fn):
+    """Call fn(); turn a UsageError into 'error: ...' on stderr and exit 2."""
+    try:
+        return fn()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(cls, argv=None, description=None):
+    """argparse built from a dataclass: --flag-name per field, help from field metadata."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        name, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            ap.add_argument(name, type=type(f.default), default=f.default,
+                            help=f"{help_} (default: {f.default!r})")
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def arg(default, help):  # noqa: A002 (dataclass field with a help line, CleanRL-style)
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+@contextlib.contextmanager
+def atomic_dir(out):
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed, so a
+    crash or a bad input never leaves a half-written checkpoint."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}-tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out):
+            old = tmp + "-old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to <out>/metrics.jsonl."""
+
+    def __init__(self, path):
+        self.f = open(path, "w")
+
+    def write(self, step, metrics):
+        self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def looks_local(path):
+    """True for what can only be a local path (so a missing one is an error, not a hub lookup)."""
+    return (path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
+            or path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow"))
+
+
+def tokenizer_fingerprint(tok):
+    """Hash of the vocabulary and special tokens: two checkpoints may share token ids only if this matches."""
+    vocab = sorted(tok.get_vocab().items())
+    special = [tok.bos_token, tok.eos_token, tok.pad_token]
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
+
+
+@dataclass
+class WorldConfig:
+    seed: int = arg(0, "seed of the grammar, the SFT policy's init and training, and the sampled pairs")
+    n_train_prompts: int = arg(4000, "RL-train prompts; one preference pair is sampled on each")
+    n_eval_prompts: int = arg(500, "held-out prompts; one preference pair is sampled on each")
+    sft_steps: int = arg(1200, "SFT optimizer steps on freshly generated reviews")
+    sft_batch: int = arg(64, "reviews per SFT step")
+    sft_lr: float = arg(3e-3, "SFT AdamW peak learning rate (warmup, then cosine to a tenth)")
+    hidden: int = arg(64, "width of the SFT Llama")
+    layers: int = arg(2, "layers of the SFT Llama")
+    heads: int = arg(4, "attention heads of the SFT Llama")
+    max_new_tokens: int = arg(48, "sampling budget of a pair's response; longer than any review the grammar writes")
+    bt_beta: float = arg(10.0, "Bradley-Terry sharpness: P(a preferred to b) = sigmoid(bt_beta * (gold_a - gold_b))")
+    label_flip: float = arg(0.0, "fraction of preference labels flipped after sampling (AlpacaFarm-style noise; try 0.25)")
+    gen_batch: int = arg(250, "prompts per generate() call while sampling pairs")
+
+
+# ---------------------------------------------------------------------------------------------- lexicon
+# Candidate words; the polar ones are kept and signed by VADER's own lexicon, the neutral ones must be absent.
+ADJECTIVES = """good great excellent wonderful brilliant beautiful charming delightful enjoyable fantastic fun
+funny gorgeous impressive lovely perfect powerful superb clever engaging fresh smart strong sweet thrilling
+amazing awesome inspiring nice solid outstanding bad awful terrible boring dull horrible weak stupid silly
+annoying painful poor ugly messy lame pathetic dreadful disappointing worthless confusing""".split()
+NEUTRAL_ADJECTIVES = "long short slow loud quiet simple familiar dark old new different typical modern".split()
+VERBS = [("loved", "love"), ("liked", "like"), ("enjoyed", "enjoy"), ("admired", "admire"),
+         ("hated", "hate"), ("disliked", "dislike")]
+NOUNS = """movie film plot story acting script ending soundtrack music dialogue pacing cinematography lead
+finale premise sequel screenplay editing direction cast camera lighting twist climax""".split()
+INTENSIFIERS = "very really extremely incredibly so quite totally absolutely somewhat slightly".split()
+NEGATIONS = ["not", "never"]
+OPENERS = ["overall ,", "in short ,", "to me ,"]
+WHEN = ["on sunday", "last night", "at home", "twice", "in the theater", "yesterday", "with my brother"]
+FUNCTION_WORDS = "the was felt seemed it a an i did and but watched saw this as expected .".split()
+PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
+
+
+def vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    global _VADER
+    if "_VADER" not in globals():
+        _VADER = SentimentIntensityAnalyzer()
+    return _VADER
+
+
+def gold_scores(texts):
+    """The gold judge: VADER compound sentiment in [-1, 1] of each decoded response."""
+    analyzer = vader()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+def lexicon_classes():
+    lex = vader().lexicon
+    classes = {
+        "pos": [w for w in ADJECTIVES if lex.get(w, 0) > 0],
+        "neg": [w for w in ADJECTIVES if lex.get(w, 0) < 0],
+        "pos_verb": [v for v in VERBS if lex.get(v[0], 0) > 0],
+        "neg_verb": [v for v in VERBS if lex.get(v[0], 0) < 0],
+    }
+    polar_in_neutral = [w for w in NEUTRAL_ADJECTIVES + NOUNS + FUNCTION_WORDS if w in lex]
+    assert not polar_in_neutral, f"neutral words VADER scores: {polar_in_neutral}"
+    return classes
+
+
+# ---------------------------------------------------------------------------------------------- grammar
+def article(next_word):
+    return "an" if next_word[0] in "aeiou" else "a"
+
+
+class Grammar:
+    """Reviews of 1–3 sentences; a clause's polarity comes from its adjective or verb, flipped by "not",
+    scaled by an intensifier, and "but" joins clauses of opposite polarity (VADER weighs the part after it)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.c = rng, lexicon_classes()
+
+    def clause(self, polarity):
+        r, c = self.rng, self.c
+        if polarity == 0:
+            return r.choice([f"the {r.choice(NOUNS)} was {r.choice(NEUTRAL_ADJECTIVES)}",
+                             f"i watched it {r.choice(WHEN)}", f"i saw this {r.choice(NOUNS)} {r.choice(WHEN)}",
+                             f"it was {article(adj := r.choice(NEUTRAL_ADJECTIVES))} {adj} {r.choice(NOUNS)}"])
+        negate = r.random() < 0.2  # "not bad" carries positive polarity
+        sign = -polarity if negate else polarity
+        adj = r.choice(c["pos"] if sign > 0 else c["neg"])
+        past, base = r.choice(c["pos_verb"] if sign > 0 else c["neg_verb"])
+        mod = f"{r.choice(INTENSIFIERS)} " if r.random() < 0.3 else ""
+        noun = r.choice(NOUNS)
+        kind = r.randrange(4)
+        if kind == 0:
+            return f"the {noun} {r.choice(['was', 'felt', 'seemed'])} {r.choice(NEGATIONS) + ' ' if negate else ''}{mod}{adj}"
+        if kind == 1 and not negate:
+            return f"it was {article(mod or adj)} {mod}{adj} {noun}"
+        if negate:
+            return f"i did not {base} the {noun}"
+        return f"i {'really ' if mod else ''}{past} the {noun}"
+
+    def sentence(self):
+        r = self.rng
+        pol = r.choice([1, 1, -1, -1, 0])
+        s = self.clause(pol)
+        u = r.random()
+        if u < 0.3 and pol != 0:
+            s += " but " + self.clause(-pol if r.random() < 0.8 else pol)
+        elif u < 0.45:
+            s += " and " + self.clause(pol)
+        return s
+
+    def review(self):
+        r = self.rng
+        sents = [self.sentence() for _ in range(r.choice([1, 1, 2, 2, 3]))]
+        text = " . ".join(sents) + " ."
+        if r.random() < 0.15:
+            text = f"{r.choice(OPENERS)} {text}"
+        return text if len(text.split()) <= 40 else self.review()
+
+    def prompt(self):
+        """A review opening: the first 1–8 words of a review, never ending on a negation."""
+        words = self.review().split()
+        while True:
+            k = self.rng.randint(1, min(8, len(words) - 2))
+            if words[k - 1] not in NEGATIONS + ["did"]:
+                return " ".join(words[:k])
+
+
+def vocabulary():
+    c = lexicon_classes()
+    words = (c["pos"] + c["neg"] + NEUTRAL_ADJECTIVES + NOUNS + INTENSIFIERS + NEGATIONS + FUNCTION_WORDS
+             + [w for v in VERBS for w in v] + " ".join(OPENERS + WHEN).split() + ["really"])
+    return list(dict.fromkeys(words))
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def build_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([PAD, BOS, EOS, UNK] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, padding_side="left", model_max_length=128)
+
+
+# ---------------------------------------------------------------------------------------------- SFT policy
+def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=True, top_k=0, top_p=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    warmup = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.sft_steps) / cfg.sft_steps))))
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="world: SFT policy", disable=not progress, leave=False)
+    loss = torch.tensor(0.0)
+    for _ in bar:
+        texts = [grammar.review() + f" {EOS}" for _ in range(cfg.sft_batch)]
+        enc = tok(texts, padding=True, return_tensors="pt", padding_side="right")
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model, loss.item()
+
+
+@torch.no_grad()
+def sample_responses(model, tok, prompts, max_new_tokens, batch_size, progress=True, desc="sampling"):
+    """One sampled response per prompt (temperature 1, no top-k/top-p). Returns (texts, ended_with_eos)."""
+    texts, ended = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        enc = tok(prompts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="left")
+        out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        for row in out[:, enc.input_ids.shape[1]:].tolist():
+            has_eos = tok.eos_token_id in row
+            row = row[:row.index(tok.eos_token_id)] if has_eos else row
+            texts.append(tok.decode(row, skip_special_tokens=True).strip())
+            ended.append(has_eos)
+    return texts, ended
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def label_pairs(prompts, a, b, cfg: WorldConfig, rng: random.Random):
+    """Bradley–Terry labels from the gold judge; ties in gold and identical responses are dropped, as in
+    binarized preference sets. Optionally flips a fraction of labels."""
+    ga, gb = gold_scores(a), gold_scores(b)
+    rows = []
+    for p, x, y, sx, sy in zip(prompts, a, b, ga, gb):
+        if not x or not y or x == y or sx == sy:
+            continue
+        x_wins = rng.random() < 0.5 * (1 + math.tanh(cfg.bt_beta * (sx - sy) / 2))  # sigmoid, overflow-free
+        if rng.random() < cfg.label_flip:
+            x_wins = not x_wins
+        (c, sc), (r, sr) = ((x, sx), (y, sy)) if x_wins else ((y, sy), (x, sx))
+        rows.append({"prompt": p, "chosen": c, "rejected": r, "score_chosen": sc, "score_rejected": sr})
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
+    """Build the whole world into root/sft and root/data, atomically (temp folder, then rename)."""
+    cfg = cfg or WorldConfig()
+    t0 = time.time()
+    print(f"building the embedded world into {root}/ (seed {cfg.seed}): corpus, tokenizer, SFT policy, "
+          f"prompts, preference pairs", flush=True)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    grammar = Grammar(rng)
+    tok = build_tokenizer(vocabulary())
+    model, sft_loss = build_sft(tok, grammar, cfg, progress)
+
+    prompts = []
+    seen = set()
+    while len(prompts) < cfg.n_train_prompts + cfg.n_eval_prompts:
+        p = grammar.prompt()
+        if p not in seen:
+            seen.add(p)
+            prompts.append(p)
+    train_prompts, eval_prompts = prompts[:cfg.n_train_prompts], prompts[cfg.n_train_prompts:]
+
+    torch.manual_seed(cfg.seed + 1)
+    both = train_prompts + eval_prompts
+    a, a_eos = sample_responses(model, tok, both, cfg.max_new_tokens, cfg.gen_batch, progress, "world: pairs (1/2)")
+    b, b_eos = sample_responses(model, tok, both, cfg.max_new_tokens, cfg.gen_batch, progress, "world: pairs (2/2)")
+    keep = [ea and eb for ea, eb in zip(a_eos, b_eos)]  # a response cut by max_new_tokens is not a review
+    n = cfg.n_train_prompts
+    split = lambda xs, lo, hi: [x for x, k in zip(xs[lo:hi], keep[lo:hi]) if k]  # noqa: E731
+    pairs_train = label_pairs(split(both, 0, n), split(a, 0, n), split(b, 0, n), cfg, rng)
+    pairs_eval = label_pairs(split(both, n, None), split(a, n, None), split(b, n, None), cfg, rng)
+
+    gold = gold_scores(a)
+    stats = {
+        "vocab_size": len(tok), "sft_params": sum(p.numel() for p in model.parameters()),
+        "sft_final_loss": round(sft_loss, 4), "sft_eos_rate": sum(a_eos) / len(a_eos),
+        "sft_gold_mean": sum(gold) / len(gold),
+        "sft_gold_frac_pos": sum(g > 0.05 for g in gold) / len(gold),
+        "sft_gold_frac_neg": sum(g < -0.05 for g in gold) / len(gold),
+        "n_prompts_train": len(train_prompts), "n_prompts_eval": len(eval_prompts),
+        "n_pairs_train": len(pairs_train), "n_pairs_eval": len(pairs_eval),
+        "label_agrees_with_gold": sum(r["score_chosen"] > r["score_rejected"] for r in pairs_train) / max(1, len(pairs_train)),
+        "samples": [p + " | " + x for p, x in zip(both[:5], a[:5])],
+        "build_seconds": round(time.time() - t0, 1),
+    }
+
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".world-", dir=root)
+    try:
+        model.save_pretrained(os.path.join(tmp, "sft"))
+        tok.save_pretrained(os.path.join(tmp, "sft"))
+        data = os.path.join(tmp, "data")
+        os.makedirs(data)
+        write_jsonl(os.path.join(data, "prompts_train.jsonl"), [{"prompt": p} for p in train_prompts])
+        write_jsonl(os.path.join(data, "prompts_eval.jsonl"), [{"prompt": p} for p in eval_prompts])
+        write_jsonl(os.path.join(data, "pairs_train.jsonl"), pairs_train)
+        write_jsonl(os.path.join(data, "pairs_eval.jsonl"), pairs_eval)
+        with open(os.path.join(data, MARKER), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "stats": stats}, f, indent=2)
+        for name in ("sft", "data"):  # data last: its marker says the world is complete
+            dst = os.path.join(root, name)
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+            os.rename(os.path.join(tmp, name), dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"world ready in {stats['build_seconds']}s: vocab {stats['vocab_size']}, SFT {stats['sft_params']:,} params "
+          f"(loss {stats['sft_final_loss']}), pairs {stats['n_pairs_train']} train / {stats['n_pairs_eval']} held-out",
+          flush=True)
+    return stats
+
+
+def ensure_world(root=ROOT, progress=True):
+    """Build the world unless root/data holds a complete one."""
+    if not (os.path.exists(os.path.join(root, "data", MARKER)) and os.path.isdir(os.path.join(root, "sft"))):
+        build_world(root, WorldConfig(), progress)
+
+
+@dataclass
+class BuildArgs(WorldConfig):
+    out: str = arg(ROOT, "folder that receives sft/ and data/")
+
+
+def main(argv=None):
+    args = parse_args(BuildArgs, argv, __doc__)
+    cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
+
+    def build():
+        if not 0.0 <= cfg.label_flip <= 1.0:
+            raise UsageError(f"--label-flip {cfg.label_flip}: must lie in [0, 1]")
+        if min(cfg.n_train_prompts, cfg.n_eval_prompts, cfg.sft_steps, cfg.sft_batch, cfg.gen_batch) < 1:
+            raise UsageError("--n-train-prompts, --n-eval-prompts, --sft-steps, --sft-batch and --gen-batch must be at least 1")
+        print(json.dumps(build_world(args.out, cfg), indent=2))
+
+    run_main(build)
+
+
+if __name__ == "__main__":
+    main()
