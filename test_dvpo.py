@@ -169,8 +169,12 @@ def test_head_is_zero_at_init_and_dropout_is_off(tiny_backbone):
     assert torch.equal(a, b), "dropout still active in train mode"
 
 
-def test_values_do_not_depend_on_padding(tiny_backbone):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: absolute positions, where position ids matter
+def test_values_do_not_depend_on_padding(tiny_backbone, arch):
+    from transformers import GPT2Config, GPT2Model
     backbone, tok = gvm.load_backbone(tiny_backbone)
+    if arch == "gpt2":
+        backbone = gvm.disable_dropout(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))))
     model = gvm.ValueModel(backbone)
     torch.nn.init.normal_(model.head.weight)
     samples, batch = batch_for(tok, PAIRS)
@@ -234,6 +238,14 @@ def test_world_data_is_a_standard_preference_dataset(tiny_world):
     AutoModelForCausalLM.from_pretrained(tiny_world / "sft")  # loads with no project code
 
 
+def test_grammar_regex_accepts_the_grammar_and_rejects_word_salad():
+    g = world.Grammar(random.Random(5))
+    assert all(world.is_grammatical(g.review()) for _ in range(500))
+    assert not world.is_grammatical("the plot good was .")
+    assert not world.is_grammatical("i loved the the plot .")
+    assert not world.is_grammatical("the plot was good")  # a review ends with " ."
+
+
 def test_gold_judge_reads_negation_and_contrast():
     good, not_good, but = world.gold_scores(["the plot was good .", "the plot was not good .",
                                              "the plot was good but the acting was awful ."])
@@ -252,6 +264,9 @@ def test_first_use_builds_world_and_trains_a_gvm_above_chance(default_world):
     cwd, proc = default_world
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "building the embedded world" in proc.stdout
+    stats = json.loads((cwd / "ckpt" / "data" / world.MARKER).read_text())["stats"]
+    assert stats["sft_grammatical_rate"] > 0.9 and stats["sft_eos_rate"] > 0.95  # a fluent SFT policy
+    assert stats["sft_gold_frac_pos"] > 0.25 and stats["sft_gold_frac_neg"] > 0.25  # of mixed sentiment
     out = cwd / "ckpt" / "gvm"
     summary = json.loads((out / "summary.json").read_text())
     # 443 held-out pairs: chance is 0.5 +- 0.024, so 0.6 is four standard errors above it
@@ -302,6 +317,18 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tiny_world, tmp_path, capsys
         assert e.value.code == 2, (extra, err)
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (extra, err)
         assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".gvm_out")]
+
+
+def test_atomic_dir_keeps_the_last_good_output_when_a_run_fails(tmp_path):
+    out = tmp_path / "ckpt"
+    with world.atomic_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "model"), "w").write("good")
+    with pytest.raises(RuntimeError):
+        with world.atomic_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "model"), "w").write("half")
+            raise RuntimeError("crash mid-save")
+    assert (out / "model").read_text() == "good"
+    assert os.listdir(tmp_path) == ["ckpt"]  # no temporary folder left behind
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):

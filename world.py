@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -265,6 +266,25 @@ class Grammar:
                 return " ".join(words[:k])
 
 
+def grammar_regex():
+    """A regular expression for every review the grammar writes (slightly looser), to measure fluency."""
+    alt = lambda ws: "(?:" + "|".join(re.escape(w) for w in sorted(ws, key=len, reverse=True)) + ")"  # noqa: E731
+    noun, adj, mod = alt(NOUNS), alt(ADJECTIVES + NEUTRAL_ADJECTIVES), alt(INTENSIFIERS)
+    when = alt(WHEN)
+    clause = (f"the {noun} (?:was|felt|seemed) (?:{alt(NEGATIONS)} )?(?:{mod} )?{adj}"
+              f"|it was an? (?:{mod} )?{adj} {noun}|i did not {alt(v[1] for v in VERBS)} the {noun}"
+              f"|i (?:really )?{alt(v[0] for v in VERBS)} the {noun}|i watched it {when}|i saw this {noun} {when}")
+    sentence = f"(?:{clause})(?: (?:but|and) (?:{clause}))?"
+    return re.compile(f"(?:{alt(OPENERS)} )?{sentence}(?: \\. {sentence})* \\.")
+
+
+def is_grammatical(text):
+    """Whether a whole review (prompt + response) is one the grammar could have written."""
+    if "_GRAMMAR_RE" not in globals():
+        globals()["_GRAMMAR_RE"] = grammar_regex()
+    return _GRAMMAR_RE.fullmatch(text) is not None  # noqa: F821
+
+
 def vocabulary():
     c = lexicon_classes()
     words = (c["pos"] + c["neg"] + NEUTRAL_ADJECTIVES + NOUNS + INTENSIFIERS + NEGATIONS + FUNCTION_WORDS
@@ -395,6 +415,7 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     stats = {
         "vocab_size": len(tok), "sft_params": sum(p.numel() for p in model.parameters()),
         "sft_final_loss": round(sft_loss, 4), "sft_eos_rate": sum(a_eos) / len(a_eos),
+        "sft_grammatical_rate": sum(is_grammatical(f"{p} {x}") for p, x in zip(both, a)) / len(a),
         "sft_gold_mean": sum(gold) / len(gold),
         "sft_gold_frac_pos": sum(g > 0.05 for g in gold) / len(gold),
         "sft_gold_frac_neg": sum(g < -0.05 for g in gold) / len(gold),
