@@ -25,7 +25,7 @@ from world import UsageError, arg
 
 @dataclass
 class Args:
-    model: str = arg(world.SFT_DIR, "backbone: a local folder or hub name of a causal LM (default: the world's SFT policy)")
+    model: str = arg(world.SFT_DIR, "backbone: a local folder or hub name of a causal LM; the default is the world's SFT policy")
     data: str = arg(world.PAIRS_TRAIN, "preference pairs with prompt/chosen/rejected: json, jsonl, parquet, csv, a saved dataset folder or a hub name")
     eval_data: str = arg("", "held-out pairs; empty: the world's held-out pairs for the default --data, else --eval-frac of --data")
     split: str = arg("train", "split to read when --data is a hub dataset")

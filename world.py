@@ -102,6 +102,9 @@ def atomic_dir(out):
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}-tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp
         if os.path.exists(out):
@@ -132,6 +135,7 @@ class MetricsLog:
 def looks_local(path):
     """True for what can only be a local path (so a missing one is an error, not a hub lookup)."""
     return (path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
+            or os.path.isdir(path.split("/")[0]) and "/" in path  # ckpt/missing, when ckpt/ exists here
             or path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow"))
 
 
