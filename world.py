@@ -17,6 +17,7 @@ paper's IMDB setup, DVPO.md §6):
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -182,12 +183,10 @@ FUNCTION_WORDS = "the was felt seemed it a an i did and but watched saw this as 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 
 
+@functools.lru_cache(maxsize=None)
 def vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    global _VADER
-    if "_VADER" not in globals():
-        _VADER = SentimentIntensityAnalyzer()
-    return _VADER
+    return SentimentIntensityAnalyzer()
 
 
 def gold_scores(texts):
@@ -270,9 +269,12 @@ class Grammar:
                 return " ".join(words[:k])
 
 
+@functools.lru_cache(maxsize=None)
 def grammar_regex():
     """A regular expression for every review the grammar writes (slightly looser), to measure fluency."""
-    alt = lambda ws: "(?:" + "|".join(re.escape(w) for w in sorted(ws, key=len, reverse=True)) + ")"  # noqa: E731
+    def alt(words):
+        return "(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
+
     noun, adj, mod = alt(NOUNS), alt(ADJECTIVES + NEUTRAL_ADJECTIVES), alt(INTENSIFIERS)
     when = alt(WHEN)
     clause = (f"the {noun} (?:was|felt|seemed) (?:{alt(NEGATIONS)} )?(?:{mod} )?{adj}"
@@ -284,9 +286,7 @@ def grammar_regex():
 
 def is_grammatical(text):
     """Whether a whole review (prompt + response) is one the grammar could have written."""
-    if "_GRAMMAR_RE" not in globals():
-        globals()["_GRAMMAR_RE"] = grammar_regex()
-    return _GRAMMAR_RE.fullmatch(text) is not None  # noqa: F821
+    return grammar_regex().fullmatch(text) is not None
 
 
 def vocabulary():
@@ -411,9 +411,12 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     b, b_eos = sample_responses(model, tok, both, cfg.max_new_tokens, cfg.gen_batch, progress, "world: pairs (2/2)")
     keep = [ea and eb for ea, eb in zip(a_eos, b_eos)]  # a response cut by max_new_tokens is not a review
     n = cfg.n_train_prompts
-    split = lambda xs, lo, hi: [x for x, k in zip(xs[lo:hi], keep[lo:hi]) if k]  # noqa: E731
-    pairs_train = label_pairs(split(both, 0, n), split(a, 0, n), split(b, 0, n), cfg, rng)
-    pairs_eval = label_pairs(split(both, n, None), split(a, n, None), split(b, n, None), cfg, rng)
+
+    def kept(lo, hi):
+        return [[x for x, k in zip(xs[lo:hi], keep[lo:hi]) if k] for xs in (both, a, b)]
+
+    pairs_train = label_pairs(*kept(0, n), cfg, rng)
+    pairs_eval = label_pairs(*kept(n, None), cfg, rng)
 
     gold = gold_scores(a)
     stats = {
