@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import world
+from rollout import gae, load_pretrained, load_rows, masked_mean
 from world import UsageError, arg
 
 
@@ -67,33 +68,9 @@ class ValueModel(nn.Module):
         return self.head(hidden).squeeze(-1)
 
 
-def disable_dropout(model):
-    """§5.4: dropout off everywhere, including attention-probability dropout stored as a float."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        for name in ("attention_dropout", "attn_dropout", "dropout"):
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-    return model
-
-
 def load_backbone(name, flag="--model"):
     """Any Hugging Face causal LM (local folder or hub name) as a headless backbone, with its tokenizer."""
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    if not os.path.isdir(name) and world.looks_local(name):
-        raise UsageError(f"{flag} {name}: no such folder")
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        backbone = AutoModel.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        where = "the folder" if os.path.isdir(name) else "no such folder, and the hub"
-        raise UsageError(f"{flag} {name}: {where} gave no model ({str(e).splitlines()[0][:160]})") from None
-    if tok.eos_token_id is None:
-        raise UsageError(f"{flag} {name}: the tokenizer has no EOS token")
-    return disable_dropout(backbone), tok
+    return load_pretrained(name, flag, causal_lm=False)
 
 
 HEAD_FILE, META_FILE = "value_head.safetensors", "value_model.json"
@@ -125,34 +102,6 @@ def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm"):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_rows(path, split="train", flag="--data"):
-    """Rows of a local json/jsonl/parquet/csv file, a saved dataset folder, or a hub dataset."""
-    import datasets
-    datasets.disable_progress_bars()
-    builders = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}
-    try:
-        if os.path.isfile(path):
-            ext = path.rsplit(".", 1)[-1].lower()
-            if ext not in builders:
-                raise UsageError(f"{flag} {path}: unsupported file type (use json, jsonl, parquet, csv or arrow)")
-            if os.path.getsize(path) == 0:
-                raise UsageError(f"{flag} {path}: the file is empty")
-            ds = datasets.load_dataset(builders[ext], data_files=path, split="train")
-        elif os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
-                                         ("dataset_info.json", "dataset_dict.json", "state.json")):
-            ds = datasets.load_from_disk(path)
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        elif os.path.isdir(path) or not world.looks_local(path):
-            ds = datasets.load_dataset(path, split=split)
-        else:
-            raise UsageError(f"{flag} {path}: no such file")
-    except UsageError:
-        raise
-    except Exception as e:  # datasets wraps parse errors in several exception types
-        raise UsageError(f"{flag} {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return list(ds)
-
-
 def validate_pairs(rows, path):
     """Every row needs non-empty string prompt/chosen/rejected; errors name the file and 1-based row."""
     if not rows:
@@ -218,24 +167,6 @@ def state_values(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation over left-aligned actions: (advantages, returns), zero where masked.
-    The state after the last valid action is terminal (value 0)."""
-    rewards, values = rewards * mask, values * mask
-    adv = torch.zeros_like(values)
-    last = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        next_v = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
-        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last
-        adv[:, t] = last
-    adv = adv * mask
-    return adv, (adv + values) * mask
-
-
 def td_lambda_targets(values, state_mask, labels, gamma=1.0, lam=0.95):
     """Return-to-go targets R(s_0..s_T) (§2): reward 0 on every token but the last, whose reward is the
     label; R_t = A_t + V(s_t) with TD(lambda) advantages for t < T; the target of V(s_T) is the label."""

@@ -16,7 +16,9 @@ import sys
 import pytest
 import torch
 
+import dvpo
 import gvm
+import rollout
 import world
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -134,7 +136,7 @@ def test_gae_matches_loop_reference():
     g = torch.Generator().manual_seed(3)
     rewards, values = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     mask = (torch.arange(6)[None] < torch.tensor([6, 1, 3, 4])[:, None]).float()
-    adv, ret = gvm.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = rollout.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     for b in range(4):
         n = int(mask[b].sum())
         for t in range(n):
@@ -160,7 +162,7 @@ def test_head_is_zero_at_init_and_dropout_is_off(tiny_backbone):
     model = gvm.ValueModel(backbone)
     _, batch = batch_for(tok, PAIRS)
     assert torch.count_nonzero(gvm.state_values(model, batch)) == 0
-    gpt2 = gvm.disable_dropout(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))))
+    gpt2 = rollout.disable_dropout(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))))
     m2 = gvm.ValueModel(gpt2)
     torch.nn.init.normal_(m2.head.weight)
     m2.train()
@@ -174,7 +176,7 @@ def test_values_do_not_depend_on_padding(tiny_backbone, arch):
     from transformers import GPT2Config, GPT2Model
     backbone, tok = gvm.load_backbone(tiny_backbone)
     if arch == "gpt2":
-        backbone = gvm.disable_dropout(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))))
+        backbone = rollout.disable_dropout(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))))
     model = gvm.ValueModel(backbone)
     torch.nn.init.normal_(model.head.weight)
     samples, batch = batch_for(tok, PAIRS)
@@ -276,7 +278,7 @@ def test_first_use_builds_world_and_trains_a_gvm_above_chance(default_world):
     assert any("loss/value" in m for m in metrics)
     model, tok, meta = gvm.load_value_model(str(out))
     assert meta["kind"] == "gvm" and meta["lam"] == 0.95
-    samples = gvm.pair_samples(gvm.load_rows(str(cwd / world.PAIRS_EVAL)), tok, 512, "eval")
+    samples = gvm.pair_samples(rollout.load_rows(str(cwd / world.PAIRS_EVAL)), tok, 512, "eval")
     again = gvm.pairwise_accuracy(model, samples, tok.pad_token_id, "cpu")
     assert again["eval/pairwise_acc_final"] == pytest.approx(summary["eval/pairwise_acc_final"], abs=1e-6)
 
@@ -338,3 +340,252 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- rollout math
+
+
+def random_rollout_tensors(B=4, R=7, seed=0):
+    """State values V(s_0..s_R), a state mask with T in [1, R], and KL rewards on the T actions."""
+    g = torch.Generator().manual_seed(seed)
+    T = torch.tensor([R, 1, 3, 5][:B])
+    smask = (torch.arange(R + 1)[None] <= T[:, None]).float()
+    values = torch.randn(B, R + 1, generator=g) * smask
+    rewards = -0.1 * torch.randn(B, R, generator=g) * smask[:, 1:]
+    return values, smask, rewards, T
+
+
+def released_closed_form(v, r, T, lam):
+    """DVPO.md §3 (gamma = 1): A_t = -V_t + (1-lam) sum_{k>=1} lam^{k-1} V_{t+k} + sum_l lam^l r_{t+l}, V_T := 0."""
+    v = v[:T] + [0.0]
+    return [-v[t] + (1 - lam) * sum(lam ** (k - 1) * v[t + k] for k in range(1, T - t + 1))
+            + sum(lam ** l * r[t + l] for l in range(T - t)) for t in range(T)]
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.95, 0.5])
+def test_released_advantage_closed_form_and_telescoping(lam):
+    values, smask, rewards, T = random_rollout_tensors()
+    adv = dvpo.compute_advantages("released", values, smask, rewards, 1.0, lam)
+    for b in range(len(T)):
+        n = int(T[b])
+        ref = released_closed_form(values[b].tolist(), rewards[b].tolist(), n, lam)
+        assert adv[b, :n].tolist() == pytest.approx(ref, abs=1e-5)
+        if lam == 1.0:  # the value terms telescope to -V_t: a pure baseline
+            expected = [-values[b, t].item() + rewards[b, t:n].sum().item() for t in range(n)]
+            assert adv[b, :n].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_delta_advantage_closed_forms():
+    values, smask, rewards, T = random_rollout_tensors()
+    a0 = dvpo.compute_advantages("delta", values, smask, rewards, 1.0, 0.0)
+    a1 = dvpo.compute_advantages("delta", values, smask, rewards, 1.0, 1.0)
+    for b in range(len(T)):
+        n = int(T[b])
+        # lam = 0: V(s_{t+1}) - V(s_t) - beta * kl_t, with V(s_T) the value of the complete response
+        assert a0[b, :n].tolist() == pytest.approx((values[b, 1:n + 1] - values[b, :n] + rewards[b, :n]).tolist(), abs=1e-5)
+        # lam = 1: V(s_T) - V(s_t) + the KL rewards still to come
+        tail = rewards[b, :n].flip(0).cumsum(0).flip(0)
+        assert a1[b, :n].tolist() == pytest.approx((values[b, n] - values[b, :n] + tail).tolist(), abs=1e-5)
+
+
+def test_static_advantage_is_next_state_value():
+    values, smask, rewards, T = random_rollout_tensors()
+    adv = dvpo.compute_advantages("static", values, smask, rewards, 1.0, 0.95)
+    for b in range(len(T)):
+        n = int(T[b])
+        assert adv[b, :n].tolist() == pytest.approx((values[b, 1:n + 1] + rewards[b, :n]).tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", dvpo.ADVANTAGES)
+def test_values_at_masked_positions_change_no_advantage(variant):
+    values, smask, rewards, _ = random_rollout_tensors()
+    garbage = values + 50.0 * (1 - smask)
+    a = dvpo.compute_advantages(variant, values, smask, rewards, 1.0, 0.95)
+    b = dvpo.compute_advantages(variant, garbage, smask, rewards, 1.0, 0.95)
+    assert torch.equal(a, b)
+    assert (a * (1 - smask[:, 1:]) == 0).all()
+
+
+def test_masked_whitening():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    w = rollout.masked_whiten(x, mask)
+    valid = w[mask.bool()]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert valid.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[~mask.bool()] == 0).all()
+    one = rollout.masked_whiten(x, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    none = rollout.masked_whiten(x, torch.zeros_like(x))
+    assert torch.isfinite(one).all() and torch.isfinite(none).all() and (none == 0).all()
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    assert rollout.kl_k1(logp, ref).tolist() == pytest.approx([0.5, -1.0, 0.0])
+    k3 = rollout.kl_k3(logp, ref)
+    assert k3.tolist() == pytest.approx([torch.exp(torch.tensor(-k)).item() - 1 + k for k in [0.5, -1.0, 0.0]])
+    assert (k3 >= 0).all()
+
+
+def test_truncation_after_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    out, mask, ended = rollout.truncate_after_eos(ids, eos_id=2, pad_id=0)
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_world):
+    return rollout.load_pretrained(str(tiny_world / "sft"))
+
+
+def test_generation_and_logprobs_at_temperature(tiny_policy):
+    policy, tok = tiny_policy
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the plot was", "i", "overall , it was a"], max_new_tokens=12)
+    assert r.input_ids.shape[1] == r.prompt_len + r.response_mask.shape[1]
+    for b in range(3):
+        n = int(r.response_mask[b].sum())
+        ids = r.response_ids[b, :n].tolist()
+        assert (tok.eos_token_id in ids) == bool(r.ended[b]) and ids.count(tok.eos_token_id) <= 1
+        assert r.texts[b] == tok.decode([i for i in ids if i != tok.eos_token_id]).strip()
+    T = 0.7
+    got = rollout.response_logprobs(policy, r, T)
+    for b, prompt in enumerate(r.prompts):  # reference: each sample alone, no padding, log_softmax(logits / T)
+        p = tok(prompt)["input_ids"]
+        n = int(r.response_mask[b].sum())
+        seq = torch.tensor([p + r.response_ids[b, :n].tolist()])
+        logits = policy(seq).logits[0, len(p) - 1:-1]
+        ref = torch.log_softmax(logits / T, -1).gather(-1, seq[0, len(p):, None]).squeeze(-1)
+        assert got[b, :n].tolist() == pytest.approx(ref.tolist(), abs=1e-5)
+        assert (got[b, n:] == 0).all()
+
+
+def test_ppo_ratio_is_exactly_one_on_the_first_minibatch(tiny_policy):
+    import copy
+    policy, tok = tiny_policy
+    policy = copy.deepcopy(policy).train()
+    torch.manual_seed(1)
+    r = rollout.generate(policy, tok, ["the plot was", "i", "overall ,", "the acting"] * 4, max_new_tokens=12)
+    plans = dvpo.minibatches(16, 4, 2, torch.Generator().manual_seed(0))
+    old = dvpo.old_logprobs(policy, r, plans[0], 1.0)
+    adv = rollout.masked_whiten(torch.randn_like(old), r.response_mask)
+    args = dvpo.Args(cliprange=0.2, max_grad_norm=1.0, temperature=1.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    stats = dvpo.ppo_update(policy, opt, r, old, adv, plans, args)
+    assert stats["val/ratio_first_max_dev"] == 0.0
+    assert stats["val/ratio"] != 1.0  # later minibatches see an updated policy
+
+
+def test_ppo_loss_by_hand():
+    new, old = torch.log(torch.tensor([[1.5, 0.5, 1.0]])), torch.zeros(1, 3)
+    adv, mask = torch.tensor([[1.0, 1.0, -2.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = dvpo.ppo_loss(new, old, adv, mask, 0.2)
+    # token 0: max(-1.5, -1.2) = -1.2; token 1: max(-0.5, -0.8) = -0.5; token 2 masked
+    assert loss.item() == pytest.approx((-1.2 - 0.5) / 2)
+    assert stats["policy/clipfrac"].item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- dvpo.py
+@pytest.fixture(scope="session")
+def tiny_gvm(tiny_world, tmp_path_factory):
+    """A GVM on the tiny world's backbone with a random head (training is not what these tests are about)."""
+    backbone, tok = gvm.load_backbone(str(tiny_world / "sft"))
+    model = gvm.ValueModel(backbone)
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    folder = tmp_path_factory.mktemp("tiny_gvm")
+    gvm.save_value_model(model, tok, str(folder), {"kind": "gvm"})
+    return folder
+
+
+def tiny_dvpo_argv(tiny_world, tiny_gvm, out, *extra):
+    return ["--gvm", str(tiny_gvm), "--policy", str(tiny_world / "sft"),
+            "--prompts", str(tiny_world / "data" / "prompts_train.jsonl"),
+            "--eval-prompts", str(tiny_world / "data" / "prompts_eval.jsonl"), "--out", str(out),
+            "--steps", "3", "--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2",
+            "--eval-every", "3", "--eval-n", "8", "--max-new-tokens", "16", *extra]
+
+
+def test_gvm_stays_frozen_and_outside_every_optimizer(tiny_world, tiny_gvm, tmp_path, monkeypatch):
+    loaded, optimizers = [], []
+    real_load, real_adamw = gvm.load_value_model, torch.optim.AdamW
+
+    def spy_load(*a, **k):
+        out = real_load(*a, **k)
+        loaded.append((out[0], {n: p.detach().clone() for n, p in out[0].state_dict().items()}))
+        return out
+
+    class SpyAdamW(real_adamw):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            optimizers.append(self)
+
+    monkeypatch.setattr(gvm, "load_value_model", spy_load)
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out"))
+    (model, before), = loaded
+    after = model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before), "GVM weights changed"
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    in_opt = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+    assert optimizers and not in_opt & {id(p) for p in model.parameters()}
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "objective/kl" in m]
+    assert len(steps) == 3 and all(m["val/ratio_first_max_dev"] == 0.0 for m in steps)
+    for key in ("objective/gold", "policy/clipfrac", "policy/approxkl", "policy/entropy", "val/ratio",
+                "time/generate", "time/score", "time/update", "memory/update_state_bytes"):
+        assert key in steps[0], key
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["train/steps"] == 3
+
+
+def other_tokenizer_gvm(tiny_world, folder):
+    """A GVM whose tokenizer has one word fewer: token ids no longer line up with the policy's."""
+    from transformers import LlamaConfig, LlamaModel
+    tok = world.build_tokenizer(world.vocabulary()[:-1])
+    model = gvm.ValueModel(LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=1, num_attention_heads=2)))
+    gvm.save_value_model(model, tok, str(folder), {"kind": "gvm"})
+    return str(folder)
+
+
+def test_dvpo_bad_input_is_one_line_exit_2_and_no_output(tiny_world, tiny_gvm, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        (["--gvm", str(tmp_path / "nowhere")], "nowhere: no such folder"),
+        (["--gvm", str(tiny_world / "sft")], "not a gvm checkpoint"),
+        (["--gvm", other_tokenizer_gvm(tiny_world, tmp_path / "other_tok")], "another tokenizer"),
+        (["--prompts", str(empty)], "empty.jsonl: the file is empty"),
+        (["--minibatch-size", "3"], "--minibatch-size 3 does not divide --batch-size 8"),
+        (["--advantage", "magic"], "--advantage magic"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "dvpo_out"
+        with pytest.raises(SystemExit) as e:
+            dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, *extra))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (extra, err)
+        assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".dvpo_out")]
+
+
+def test_dvpo_raises_held_out_gold_and_evaluate_shows_it(default_world):
+    """The README's chain on the default world: gvm.py (the fixture), dvpo.py, evaluate.py."""
+    cwd, gvm_proc = default_world
+    assert gvm_proc.returncode == 0
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "dvpo.py"), "--gvm", "ckpt/gvm", "--steps", "20",
+                           "--eval-every", "10"], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(line) for line in (cwd / "ckpt" / "dvpo" / "metrics.jsonl").read_text().splitlines()
+             if "eval/gold" in line]
+    first, last = evals[0], evals[-1]
+    assert last["eval/gold"] - last["eval/gold_ci95"] > first["eval/gold"] + first["eval/gold_ci95"], (first, last)
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "ckpt/sft", "ckpt/dvpo", "ckpt/sft",
+                           "--n-prompts", "200", "--gvm", "ckpt/gvm", "--json", "eval.json"],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sft, tuned, sft_again = json.loads((cwd / "eval.json").read_text())["results"]
+    assert sft["kl"] == 0 and sft["win_rate"] == 0.5 and sft_again == {**sft, "policy": "ckpt/sft"}
+    assert tuned["gold"] - tuned["gold_ci95"] > sft["gold"] + sft["gold_ci95"] and tuned["win_rate"] > 0.5
+    assert tuned["kl"] > 0 and "| ckpt/dvpo |" in proc.stdout and "V(s_0)" in proc.stdout

@@ -63,7 +63,9 @@ def parse_args(cls, argv=None, description=None):
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         name, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        if f.type in (bool, "bool"):
+        if "nargs" in f.metadata:  # a positional list, e.g. evaluate.py's policies
+            ap.add_argument(f.name, nargs=f.metadata["nargs"], help=help_)
+        elif f.type in (bool, "bool"):
             ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
             ap.add_argument(name, type=type(f.default), default=f.default,

@@ -1,0 +1,168 @@
+"""Stage 3: measure policies on held-out prompts with the gold judge (DVPO.md §6).
+
+For each policy: mean gold reward with a 95% confidence interval, KL(pi || pi_ref) in nats per sequence
+against the first policy (or --ref), win rate against the first policy by the gold judge, mean response
+length, EOS rate and distinct-2. Every policy samples with the same seed, so a policy compared with itself
+gets KL 0 and win rate 0.5 exactly.
+
+    python evaluate.py ckpt/sft ckpt/dvpo
+    python evaluate.py ckpt/sft ckpt/dvpo --gvm ckpt/gvm --json ckpt/eval.json
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import rollout
+import world
+from world import UsageError, arg
+
+
+@dataclass
+class Args:
+    policies: list = field(default_factory=list, metadata={
+        "nargs": "*", "help": "policy folders or hub names; the first is the baseline"})
+    ref: str = arg("", "reference policy for the KL; empty: the first policy")
+    prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts (a dataset with a 'prompt' column); the default is the world's")
+    split: str = arg("train", "split to read when --prompts is a hub dataset")
+    n_prompts: int = arg(0, "use only the first N prompts (0: all)")
+    samples_per_prompt: int = arg(1, "responses sampled per prompt")
+    batch_size: int = arg(250, "prompts per generate() call")
+    max_new_tokens: int = arg(48, "sampling budget per response")
+    temperature: float = arg(1.0, "sampling temperature (log-probs and KL use the same temperature)")
+    gvm: str = arg("", "a GVM checkpoint: report its held-out pairwise accuracy and print per-token values")
+    pairs: str = arg(world.PAIRS_EVAL, "held-out preference pairs for --gvm's accuracy")
+    show_values: int = arg(3, "with --gvm: responses of the last policy printed token by token with V(s_t)")
+    json: str = arg("", "also write the results to this JSON file")
+    seed: int = arg(0, "sampling seed, the same for every policy")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+
+
+@torch.no_grad()
+def score_policy(policy, ref, tok, prompts, batch_size, max_new_tokens, temperature=1.0, value_model=None):
+    """Sample one response per prompt and score it: gold (VADER), sequence KL to ref (sum of k1 over the
+    response, at the sampling temperature), length, EOS, and the value model's V(s_T) when given."""
+    out = {"gold": [], "kl": [], "length": [], "ended": [], "texts": [], "value": []}
+    for i in range(0, len(prompts), batch_size):
+        r = rollout.generate(policy, tok, prompts[i:i + batch_size], max_new_tokens, temperature)
+        logp = rollout.response_logprobs(policy, r, temperature)
+        ref_logp = rollout.response_logprobs(ref, r, temperature)
+        out["kl"] += rollout.kl_k1(logp, ref_logp).sum(1).tolist()
+        out["gold"] += world.gold_scores(r.texts)
+        out["length"] += r.response_mask.sum(1).tolist()
+        out["ended"] += r.ended.float().tolist()
+        out["texts"] += r.texts
+        if value_model is not None:
+            v = rollout.response_state_values(value_model, r)
+            T = r.response_mask.sum(1).long()
+            out["value"] += v.gather(1, T[:, None]).squeeze(1).tolist()
+    return out
+
+
+def mean_ci(xs):
+    """Mean and the half-width of its normal 95% confidence interval."""
+    n = len(xs)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, n - 1))
+    return m, 1.96 * sd / math.sqrt(n)
+
+
+def distinct_n(texts, n=2):
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def win_rate(gold, base_gold):
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, base_gold)) / len(gold)
+
+
+def summarize(name, s, base):
+    gold, ci = mean_ci(s["gold"])
+    kl, kl_ci = mean_ci(s["kl"])
+    return {"policy": name, "gold": gold, "gold_ci95": ci, "kl": kl, "kl_ci95": kl_ci,
+            "win_rate": win_rate(s["gold"], base["gold"]), "length": sum(s["length"]) / len(s["length"]),
+            "eos_rate": sum(s["ended"]) / len(s["ended"]), "distinct2": distinct_n(s["texts"]), "n": len(s["gold"])}
+
+
+def markdown_table(rows):
+    lines = ["| policy | gold (95% CI) | KL vs ref, nats/seq | win rate vs first | length | EOS rate | distinct-2 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['gold']:+.3f} ± {r['gold_ci95']:.3f} | {r['kl']:.2f} ± {r['kl_ci95']:.2f} "
+                     f"| {r['win_rate']:.3f} | {r['length']:.1f} | {r['eos_rate']:.3f} | {r['distinct2']:.3f} |")
+    return "\n".join(lines)
+
+
+def print_token_values(value_model, tok, prompts, texts, k):
+    """The GVM's value after each response token, so a reader sees where it jumps."""
+    for prompt, text in list(zip(prompts, texts))[:k]:
+        p = tok(prompt)["input_ids"]
+        r = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p + r], device=next(value_model.parameters()).device)
+        v = value_model(ids, torch.ones_like(ids))[0, len(p) - 1:].tolist()
+        print(f"\n{prompt!r} -> {text!r}\n  {'(prompt)':>12} V(s_0) = {v[0]:+.3f}")
+        for t, tid in enumerate(r):
+            print(f"  {tok.convert_ids_to_tokens(tid):>12} V = {v[t + 1]:+.3f}  ({v[t + 1] - v[t]:+.3f})")
+
+
+def run(args: Args):
+    if not args.policies:
+        raise UsageError("name at least one policy, e.g. python evaluate.py ckpt/sft ckpt/dvpo")
+    if args.samples_per_prompt < 1 or args.batch_size < 1 or args.n_prompts < 0:
+        raise UsageError("--samples-per-prompt and --batch-size must be at least 1, --n-prompts at least 0")
+    device = world.pick_device(args.device)
+    if args.prompts == world.PROMPTS_EVAL or args.pairs == world.PAIRS_EVAL and args.gvm:
+        world.ensure_world()
+    prompts = rollout.load_prompts(args.prompts, args.split)
+    prompts = (prompts[:args.n_prompts] if args.n_prompts else prompts) * args.samples_per_prompt
+    ref, ref_tok = rollout.load_pretrained(args.ref or args.policies[0], "--ref" if args.ref else "policy")
+    ref.to(device).eval()
+    value_model = None
+    if args.gvm:
+        import gvm
+        value_model, _, meta = gvm.load_value_model(args.gvm, device)
+        value_model.eval()
+    results, scored = [], {}
+    for name in args.policies:
+        policy, tok = rollout.load_pretrained(name, "policy")
+        if world.tokenizer_fingerprint(tok) != world.tokenizer_fingerprint(ref_tok):
+            raise UsageError(f"policy {name}: its tokenizer differs from the reference's; KL needs shared token ids")
+        policy.to(device).eval()
+        world.seed_everything(args.seed)
+        scored[name] = score_policy(policy, ref, tok, prompts, args.batch_size, args.max_new_tokens,
+                                    args.temperature, value_model)
+        results.append(summarize(name, scored[name], scored[args.policies[0]]))
+        print(f"{name}: gold {results[-1]['gold']:+.3f} ± {results[-1]['gold_ci95']:.3f}, "
+              f"KL {results[-1]['kl']:.2f}", file=sys.stderr, flush=True)
+    print(f"\n{len(prompts)} held-out samples per policy from {args.prompts}, KL against "
+          f"{args.ref or args.policies[0]}, temperature {args.temperature}\n")
+    print(markdown_table(results))
+    report = {"results": results, "args": asdict(args)}
+    if args.gvm:
+        import gvm
+        pairs = gvm.validate_pairs(rollout.load_rows(args.pairs, args.split, "--pairs"), args.pairs)
+        samples = gvm.pair_samples(pairs, ref_tok, 512, args.pairs)
+        acc = gvm.pairwise_accuracy(value_model, samples, ref_tok.pad_token_id, device)
+        report["gvm"] = {"path": args.gvm, **acc}
+        print(f"\nGVM {args.gvm}: held-out pairwise accuracy {acc['eval/pairwise_acc_final']:.3f} (final value), "
+              f"{acc['eval/pairwise_acc_mean']:.3f} (mean value) on {len(pairs)} pairs of {args.pairs}")
+        last = scored[args.policies[-1]]
+        print_token_values(value_model, ref_tok, prompts, last["texts"], args.show_values)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+    return report
+
+
+def main(argv=None):
+    args = world.parse_args(Args, argv, __doc__)
+    world.run_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
