@@ -79,20 +79,27 @@ def win_rate(gold, base_gold):
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, base_gold)) / len(gold)
 
 
-def summarize(name, s, base):
+def summarize(name, s, base, prompts=None):
+    """One table row. With the world's prompts, also the fraction of reviews (prompt + response) that its
+    grammar could have written: fluency, which the gold judge does not check."""
     gold, ci = mean_ci(s["gold"])
     kl, kl_ci = mean_ci(s["kl"])
-    return {"policy": name, "gold": gold, "gold_ci95": ci, "kl": kl, "kl_ci95": kl_ci,
-            "win_rate": win_rate(s["gold"], base["gold"]), "length": sum(s["length"]) / len(s["length"]),
-            "eos_rate": sum(s["ended"]) / len(s["ended"]), "distinct2": distinct_n(s["texts"]), "n": len(s["gold"])}
+    row = {"policy": name, "gold": gold, "gold_ci95": ci, "kl": kl, "kl_ci95": kl_ci,
+           "win_rate": win_rate(s["gold"], base["gold"]), "length": sum(s["length"]) / len(s["length"]),
+           "eos_rate": sum(s["ended"]) / len(s["ended"]), "distinct2": distinct_n(s["texts"]), "n": len(s["gold"])}
+    if prompts is not None:
+        row["grammatical"] = sum(world.is_grammatical(f"{p} {t}") for p, t in zip(prompts, s["texts"])) / len(prompts)
+    return row
 
 
 def markdown_table(rows):
-    lines = ["| policy | gold (95% CI) | KL vs ref, nats/seq | win rate vs first | length | EOS rate | distinct-2 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    grammar = "grammatical" in rows[0]
+    lines = ["| policy | gold (95% CI) | KL vs ref, nats/seq | win rate vs first | length | EOS rate | distinct-2 |"
+             + (" grammatical |" if grammar else ""), "| --- " * (7 + grammar) + "|"]
     for r in rows:
         lines.append(f"| {r['policy']} | {r['gold']:+.3f} ± {r['gold_ci95']:.3f} | {r['kl']:.2f} ± {r['kl_ci95']:.2f} "
-                     f"| {r['win_rate']:.3f} | {r['length']:.1f} | {r['eos_rate']:.3f} | {r['distinct2']:.3f} |")
+                     f"| {r['win_rate']:.3f} | {r['length']:.1f} | {r['eos_rate']:.3f} | {r['distinct2']:.3f} |"
+                     + (f" {r['grammatical']:.3f} |" if grammar else ""))
     return "\n".join(lines)
 
 
@@ -134,7 +141,8 @@ def run(args: Args):
         world.seed_everything(args.seed)
         scored[name] = score_policy(policy, ref, tok, prompts, args.batch_size, args.max_new_tokens,
                                     args.temperature, value_model)
-        results.append(summarize(name, scored[name], scored[args.policies[0]]))
+        results.append(summarize(name, scored[name], scored[args.policies[0]],
+                                 prompts if args.prompts == world.PROMPTS_EVAL else None))
         print(f"{name}: gold {results[-1]['gold']:+.3f} ± {results[-1]['gold_ci95']:.3f}, "
               f"KL {results[-1]['kl']:.2f}", file=sys.stderr, flush=True)
     print(f"\n{len(prompts)} held-out samples per policy from {args.prompts}, KL against "

@@ -463,15 +463,21 @@ def test_generation_and_logprobs_at_temperature(tiny_policy):
 
 
 def test_ppo_ratio_is_exactly_one_on_the_first_minibatch(tiny_policy):
-    import copy
-    policy, tok = tiny_policy
-    policy = copy.deepcopy(policy).train()
+    """Holds only with dropout off and the same temperature in the old and new log-probs: a GPT-2 policy
+    configured with dropout 0.1, sampled and scored at temperature 0.7."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    _, tok = tiny_policy
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), resid_pdrop=0.1, embd_pdrop=0.1,
+                        attn_pdrop=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
     torch.manual_seed(1)
-    r = rollout.generate(policy, tok, ["the plot was", "i", "overall ,", "the acting"] * 4, max_new_tokens=12)
+    policy = rollout.disable_dropout(GPT2LMHeadModel(config)).train()
+    r = rollout.generate(policy, tok, ["the plot was", "i", "overall ,", "the acting"] * 4, max_new_tokens=12,
+                         temperature=0.7)
     plans = dvpo.minibatches(16, 4, 2, torch.Generator().manual_seed(0))
-    old = dvpo.old_logprobs(policy, r, plans[0], 1.0)
+    old = dvpo.old_logprobs(policy, r, plans[0], 0.7)
     adv = rollout.masked_whiten(torch.randn_like(old), r.response_mask)
-    args = dvpo.Args(cliprange=0.2, max_grad_norm=1.0, temperature=1.0)
+    args = dvpo.Args(cliprange=0.2, max_grad_norm=1.0, temperature=0.7)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     stats = dvpo.ppo_update(policy, opt, r, old, adv, plans, args)
     assert stats["val/ratio_first_max_dev"] == 0.0
@@ -586,6 +592,6 @@ def test_dvpo_raises_held_out_gold_and_evaluate_shows_it(default_world):
                           cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sft, tuned, sft_again = json.loads((cwd / "eval.json").read_text())["results"]
-    assert sft["kl"] == 0 and sft["win_rate"] == 0.5 and sft_again == {**sft, "policy": "ckpt/sft"}
+    assert sft["kl"] == 0 and sft["win_rate"] == 0.5 and sft_again == sft and sft["grammatical"] > 0.9
     assert tuned["gold"] - tuned["gold_ci95"] > sft["gold"] + sft["gold_ci95"] and tuned["win_rate"] > 0.5
     assert tuned["kl"] > 0 and "| ckpt/dvpo |" in proc.stdout and "V(s_0)" in proc.stdout
