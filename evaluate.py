@@ -87,19 +87,21 @@ def summarize(name, s, base, prompts=None):
     row = {"policy": name, "gold": gold, "gold_ci95": ci, "kl": kl, "kl_ci95": kl_ci,
            "win_rate": win_rate(s["gold"], base["gold"]), "length": sum(s["length"]) / len(s["length"]),
            "eos_rate": sum(s["ended"]) / len(s["ended"]), "distinct2": distinct_n(s["texts"]), "n": len(s["gold"])}
+    if s["value"]:
+        row["gvm_value"] = sum(s["value"]) / len(s["value"])
     if prompts is not None:
         row["grammatical"] = sum(world.is_grammatical(f"{p} {t}") for p, t in zip(prompts, s["texts"])) / len(prompts)
     return row
 
 
 def markdown_table(rows):
-    grammar = "grammatical" in rows[0]
+    extra = [(k, title) for k, title in (("grammatical", "grammatical"), ("gvm_value", "GVM V(s_T)")) if k in rows[0]]
     lines = ["| policy | gold (95% CI) | KL vs ref, nats/seq | win rate vs first | length | EOS rate | distinct-2 |"
-             + (" grammatical |" if grammar else ""), "| --- " * (7 + grammar) + "|"]
+             + "".join(f" {title} |" for _, title in extra), "| --- " * (7 + len(extra)) + "|"]
     for r in rows:
         lines.append(f"| {r['policy']} | {r['gold']:+.3f} ± {r['gold_ci95']:.3f} | {r['kl']:.2f} ± {r['kl_ci95']:.2f} "
                      f"| {r['win_rate']:.3f} | {r['length']:.1f} | {r['eos_rate']:.3f} | {r['distinct2']:.3f} |"
-                     + (f" {r['grammatical']:.3f} |" if grammar else ""))
+                     + "".join(f" {r[k]:+.3f} |" if k == "gvm_value" else f" {r[k]:.3f} |" for k, _ in extra))
     return "\n".join(lines)
 
 
@@ -121,7 +123,7 @@ def run(args: Args):
     if args.samples_per_prompt < 1 or args.batch_size < 1 or args.n_prompts < 0:
         raise UsageError("--samples-per-prompt and --batch-size must be at least 1, --n-prompts at least 0")
     device = world.pick_device(args.device)
-    if args.prompts == world.PROMPTS_EVAL or args.pairs == world.PAIRS_EVAL and args.gvm:
+    if args.prompts == world.PROMPTS_EVAL or (args.gvm and args.pairs == world.PAIRS_EVAL):
         world.ensure_world()
     prompts = rollout.load_prompts(args.prompts, args.split)
     prompts = (prompts[:args.n_prompts] if args.n_prompts else prompts) * args.samples_per_prompt
