@@ -3,16 +3,19 @@ and per-phase time and memory probes. dvpo.py and ppo_baseline.py import these, 
 only where the algorithms differ. Numbers like §5.2 refer to DVPO.md.
 """
 import contextlib
+import json
 import os
+import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import world
-from world import UsageError
+from world import UsageError, arg
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -243,20 +246,244 @@ class Probe:
 
     @contextlib.contextmanager
     def phase(self, name):
+        """Time and memory of a phase; entering the same phase again within a step adds to its time."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         yield
+        m = self.metrics
         if cuda:
             torch.cuda.synchronize(self.device)
-            self.metrics[f"memory/{name}_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            key = f"memory/{name}_peak_bytes"
+            m[key] = max(m.get(key, 0), torch.cuda.max_memory_allocated(self.device))
         else:
-            self.metrics[f"memory/{name}_state_bytes"] = sum(state_bytes(self.models, self.optimizers).values())
-            self.metrics[f"memory/{name}_rss_bytes"] = rss_bytes()
-        self.metrics[f"time/{name}"] = time.perf_counter() - t0
+            m[f"memory/{name}_state_bytes"] = sum(state_bytes(self.models, self.optimizers).values())
+            m[f"memory/{name}_rss_bytes"] = rss_bytes()
+        m[f"time/{name}"] = m.get(f"time/{name}", 0.0) + time.perf_counter() - t0
 
     def pop(self):
         out, self.metrics = self.metrics, {}
         return out
+
+
+# ---------------------------------------------------------------------------------------------- the RL loop
+@dataclass
+class RLArgs:
+    """Flags shared by dvpo.py and ppo_baseline.py, with the same meaning and defaults in both."""
+    policy: str = arg(world.SFT_DIR, "initial policy: a local folder or hub name of a causal LM; the default is the world's SFT policy")
+    ref: str = arg("", "reference policy for the KL penalty; empty: the initial policy")
+    prompts: str = arg(world.PROMPTS_TRAIN, "RL prompts, a dataset with a 'prompt' column; the default is the world's RL-train prompts")
+    eval_prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts for the periodic gold evaluation; empty: none")
+    split: str = arg("train", "split to read when a data or prompts path is a hub dataset")
+    out: str = arg("ckpt/rl", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
+    lam: float = arg(0.95, "GAE lambda")
+    gamma: float = arg(1.0, "discount")
+    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive")
+    adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
+    target_kl: float = arg(6.0, "adaptive KL target, nats per sequence")
+    kl_horizon: int = arg(10000, "adaptive KL horizon, in samples")
+    steps: int = arg(100, "RL steps (one batch of prompts each)")
+    batch_size: int = arg(64, "prompts per step, one response each")
+    minibatch_size: int = arg(16, "responses per PPO minibatch; must divide --batch-size")
+    ppo_epochs: int = arg(4, "PPO epochs over each batch")
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon")
+    lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip")
+    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)")
+    max_new_tokens: int = arg(48, "sampling budget per response")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)")
+    eval_every: int = arg(25, "steps between held-out gold evaluations (and one at the start and the end)")
+    eval_n: int = arg(200, "held-out prompts per periodic evaluation")
+    table_every: int = arg(50, "steps between printed tables of prompt, response, gold and the critic's score")
+    seed: int = arg(0, "seed for python, numpy and torch")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+
+
+def validate_rl(args):
+    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "eval_every",
+                 "eval_n", "table_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.batch_size % args.minibatch_size:
+        raise UsageError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
+    if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1 and args.temperature > 0 and args.kl_coef >= 0):
+        raise UsageError("--lam must lie in [0, 1], --gamma in (0, 1], --temperature above 0, --kl-coef at least 0")
+
+
+def load_rl_models(args, device):
+    """Policy (trained) and reference (frozen) with one tokenizer; the prompt sets."""
+    if world.SFT_DIR in (args.policy, args.ref) or world.PROMPTS_TRAIN in (args.prompts, args.eval_prompts):
+        world.ensure_world()
+    prompts = load_prompts(args.prompts, args.split, "--prompts")
+    eval_prompts = load_prompts(args.eval_prompts, args.split, "--eval-prompts")[:args.eval_n] if args.eval_prompts else []
+    policy, tok = load_pretrained(args.policy, "--policy")
+    ref, ref_tok = load_pretrained(args.ref or args.policy, "--ref" if args.ref else "--policy")
+    ref.requires_grad_(False).eval()
+    if world.tokenizer_fingerprint(ref_tok) != world.tokenizer_fingerprint(tok):
+        raise UsageError(f"--ref {args.ref}: its tokenizer differs from --policy {args.policy}'s")
+    return policy.to(device).train(), ref.to(device), tok, prompts, eval_prompts
+
+
+def ppo_loss(new_logp, old_logp, adv, mask, cliprange):
+    """Clipped surrogate: mean over response tokens of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))."""
+    ratio = torch.exp(new_logp - old_logp)
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+    stats = {"policy/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask),
+             "policy/approxkl": 0.5 * masked_mean((new_logp - old_logp) ** 2, mask),
+             "val/ratio": masked_mean(ratio, mask),
+             "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
+    return masked_mean(loss, mask), stats
+
+
+def minibatches(batch_size, minibatch_size, epochs, generator):
+    """One permutation per epoch, split into minibatches: [[idx, ...] per epoch]."""
+    return [torch.randperm(batch_size, generator=generator).split(minibatch_size) for _ in range(epochs)]
+
+
+@torch.no_grad()
+def old_logprobs(policy, r, plan, temperature):
+    """Log-probs of the sampled tokens before the update, computed on exactly the minibatches of the first
+    epoch, so the first minibatch's ratio is exactly 1 (§5.4), whatever the kernels do with batch shape."""
+    out = torch.zeros_like(r.response_mask)
+    for idx in plan:
+        out[idx] = response_logprobs(policy, r.index(idx), temperature)
+    return out
+
+
+def policy_step(policy, opt, mb, old_logp, adv, args):
+    """One clipped policy-gradient step on a minibatch; its statistics as floats."""
+    new_logp, entropy = response_logprobs(policy, mb, args.temperature, with_entropy=True)
+    loss, s = ppo_loss(new_logp, old_logp, adv, mb.response_mask, args.cliprange)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    opt.step()
+    s.update({"loss/policy": loss, "policy/entropy": masked_mean(entropy, mb.response_mask),
+              "policy/grad_norm": grad_norm})
+    return {k: float(v.detach()) for k, v in s.items()}
+
+
+def ppo_update(policy, opt, r, old_logp, adv, plans, args, extra_step=None):
+    """--ppo-epochs of minibatch steps: the policy's, then extra_step(idx, mb) (PPO's critic) on the same
+    minibatch. The mean of each statistic, and the largest |ratio - 1| of the very first minibatch."""
+    stats = []
+    for epoch_plan in plans:
+        for idx in epoch_plan:
+            mb = r.index(idx)
+            s = policy_step(policy, opt, mb, old_logp[idx], adv[idx], args)
+            if extra_step is not None:
+                s.update(extra_step(idx, mb))
+            stats.append(s)
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    out["val/ratio_first_max_dev"] = stats[0]["val/ratio_max_dev"]
+    return out
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        err = max(-0.2, min(0.2, kl / self.target - 1))
+        self.beta *= 1 + err * n / self.horizon
+
+
+def prompt_stream(prompts, seed):
+    """Endless epoch-shuffled prompts."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(prompts)))
+        rng.shuffle(order)
+        yield from (prompts[i] for i in order)
+
+
+def held_out_eval(policy, ref, tok, prompts, args, seed):
+    """Gold reward and KL on held-out prompts, sampled with a fixed seed that leaves training's RNG alone."""
+    import evaluate
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    s = evaluate.score_policy(policy, ref, tok, prompts, 250, args.max_new_tokens, args.temperature)
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
+    gold, ci = evaluate.mean_ci(s["gold"])
+    return {"eval/gold": gold, "eval/gold_ci95": ci, "eval/kl": sum(s["kl"]) / len(s["kl"]),
+            "eval/eos_rate": sum(s["ended"]) / len(s["ended"]), "eval/length": sum(s["length"]) / len(s["length"])}
+
+
+def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device):
+    """The loop DVPO and PPO share: sample prompts -> generate -> old and reference log-probs -> KL-penalty
+    rewards -> algo.advantages -> PPO epochs (the policy's clipped step, then algo.minibatch_step if any) ->
+    log -> periodic held-out gold evaluation -> save. `algo` holds what differs between the two methods:
+    its critic, `advantages(r, rewards) -> [B, R]`, `score` (the critic's V(s_T) or RM score, [B]), `name`,
+    `score_name`, `models` and `optimizers` (for the memory tally), and optionally `minibatch_step`."""
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
+    frozen = {id(p) for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad}
+    assert not frozen & {id(p) for o in (opt, *algo.optimizers) for g in o.param_groups for p in g["params"]}
+    kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
+    probe = Probe(device, models=(policy, ref, *algo.models), optimizers=(opt, *algo.optimizers))
+    stream = prompt_stream(prompts, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    with world.atomic_dir(args.out) as tmp:
+        log = world.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
+        ev = {}
+        for step in tqdm(range(args.steps + 1), desc=algo.name, leave=False):
+            if eval_prompts and (step % args.eval_every == 0 or step == args.steps):
+                ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000)
+                log.write(step, ev)
+                tqdm.write(f"eval step {step} | held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f} | "
+                           f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f}")
+            if step == args.steps:
+                break
+            batch_prompts = [next(stream) for _ in range(args.batch_size)]
+            with probe.phase("generate"):
+                r = generate(policy, tok, batch_prompts, args.max_new_tokens, args.temperature)
+            with probe.phase("score"):
+                plans = minibatches(args.batch_size, args.minibatch_size, args.ppo_epochs, gen)
+                old_logp = old_logprobs(policy, r, plans[0], args.temperature)
+                with torch.no_grad():
+                    ref_logp = response_logprobs(ref, r, args.temperature)
+                kl = kl_k1(old_logp, ref_logp) * r.response_mask
+                rewards = -kl_ctl.beta * kl
+                T = r.response_mask.sum(1).long()
+                if args.missing_eos_penalty:
+                    rewards[torch.arange(len(T)), T - 1] -= args.missing_eos_penalty * (~r.ended).float()
+                adv = masked_whiten(algo.advantages(r, rewards), r.response_mask)
+            with probe.phase("update"):
+                stats = ppo_update(policy, opt, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None))
+            gold = world.gold_scores(r.texts)
+            seq_kl = kl.sum(1).mean().item()
+            m = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.beta, "objective/gold": sum(gold) / len(gold),
+                 f"objective/{algo.score_name}": algo.score.mean().item(),
+                 "objective/kl_k3": (kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
+                 "objective/length": T.float().mean().item(), "objective/eos_rate": r.ended.float().mean().item(),
+                 **stats, **probe.pop(), "time/elapsed": time.time() - t0}
+            log.write(step + 1, m)
+            if args.adaptive_kl:
+                kl_ctl.update(seq_kl, args.batch_size)
+            tqdm.write(f"step {step + 1}/{args.steps} | gold {m['objective/gold']:+.3f} | kl {seq_kl:.2f} | "
+                       f"{algo.score_name} {algo.score.mean().item():+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "
+                       f"ent {m['policy/entropy']:.2f} | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s "
+                       f"update {m['time/update']:.2f}s")
+            if (step + 1) % args.table_every == 0:
+                tqdm.write(f"| prompt | response | gold | {algo.score_name} |\n| --- | --- | --- | --- |")
+                for i in range(4):
+                    tqdm.write(f"| {r.prompts[i]} | {r.texts[i]} | {gold[i]:+.3f} | {algo.score[i].item():+.3f} |")
+        log.close()
+        policy.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        summary = {**ev, "train/steps": args.steps, "time/wall_seconds": time.time() - t0,
+                   "params/trained": sum(p.numel() for m in (policy, *algo.models) for p in m.parameters() if p.requires_grad),
+                   "params/frozen": sum(p.numel() for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad),
+                   "device": str(device), "args": asdict(args)}
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    print(f"saved {args.out}" + (f": held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f}, "
+                                 f"KL {ev['eval/kl']:.2f}" if ev else "") + f", {summary['time/wall_seconds']:.0f}s", flush=True)
+    return summary

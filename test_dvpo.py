@@ -474,12 +474,12 @@ def test_ppo_ratio_is_exactly_one_on_the_first_minibatch(tiny_policy):
     policy = rollout.disable_dropout(GPT2LMHeadModel(config)).train()
     r = rollout.generate(policy, tok, ["the plot was", "i", "overall ,", "the acting"] * 4, max_new_tokens=12,
                          temperature=0.7)
-    plans = dvpo.minibatches(16, 4, 2, torch.Generator().manual_seed(0))
-    old = dvpo.old_logprobs(policy, r, plans[0], 0.7)
+    plans = rollout.minibatches(16, 4, 2, torch.Generator().manual_seed(0))
+    old = rollout.old_logprobs(policy, r, plans[0], 0.7)
     adv = rollout.masked_whiten(torch.randn_like(old), r.response_mask)
     args = dvpo.Args(cliprange=0.2, max_grad_norm=1.0, temperature=0.7)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    stats = dvpo.ppo_update(policy, opt, r, old, adv, plans, args)
+    stats = rollout.ppo_update(policy, opt, r, old, adv, plans, args)
     assert stats["val/ratio_first_max_dev"] == 0.0
     assert stats["val/ratio"] != 1.0  # later minibatches see an updated policy
 
@@ -487,7 +487,7 @@ def test_ppo_ratio_is_exactly_one_on_the_first_minibatch(tiny_policy):
 def test_ppo_loss_by_hand():
     new, old = torch.log(torch.tensor([[1.5, 0.5, 1.0]])), torch.zeros(1, 3)
     adv, mask = torch.tensor([[1.0, 1.0, -2.0]]), torch.tensor([[1.0, 1.0, 0.0]])
-    loss, stats = dvpo.ppo_loss(new, old, adv, mask, 0.2)
+    loss, stats = rollout.ppo_loss(new, old, adv, mask, 0.2)
     # token 0: max(-1.5, -1.2) = -1.2; token 1: max(-0.5, -0.8) = -0.5; token 2 masked
     assert loss.item() == pytest.approx((-1.2 - 0.5) / 2)
     assert stats["policy/clipfrac"].item() == pytest.approx(1.0)
