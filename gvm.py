@@ -236,7 +236,40 @@ def load_data(args):
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], f"{args.data} (held-out part)"
 
 
-def train(args: Args):
+class TDObjective:
+    """The GVM's objective (§2): 1/2 MSE against TD(lambda) return-to-go targets with +-1 terminal labels."""
+    kind, pair_batches = "gvm", False
+
+    def __init__(self, args):
+        self.args = args
+
+    def loss(self, values, batch):
+        # targets from the current model without gradient; dropout is off, so the detached values of this
+        # forward equal the released code's separate no-grad pass
+        targets = td_lambda_targets(values, batch["state_mask"], batch["labels"], self.args.gamma, self.args.lam)
+        loss = value_loss(values, targets, batch["state_mask"])
+        return loss, {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
+                      "val/target_mean": masked_mean(targets, batch["state_mask"]).item()}
+
+    def meta(self):
+        return {"lam": self.args.lam, "gamma": self.args.gamma, "label": "+1 chosen / -1 rejected"}
+
+
+def batch_order(n_samples, pair_batches, rng):
+    """A shuffled order of sample indices; with pair_batches, each pair's two samples stay side by side."""
+    if not pair_batches:
+        order = list(range(n_samples))
+        rng.shuffle(order)
+        return order
+    pairs = list(range(n_samples // 2))
+    rng.shuffle(pairs)
+    return [j for i in pairs for j in (2 * i, 2 * i + 1)]
+
+
+def train(args: Args, objective=None):
+    """Train a value model on preference pairs. The objective defaults to the GVM's; the PPO baseline passes
+    its Bradley-Terry reward-model objective, so both models see the same data through the same loop."""
+    objective = objective or TDObjective(args)
     for name in ("epochs", "batch_size", "max_len", "log_every", "eval_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -258,8 +291,8 @@ def train(args: Args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (total - s) / max(1, total - args.warmup_steps))))
-    print(f"gvm: {n_params:,} params on {device}, {len(train_rows)} train pairs, {len(eval_rows)} held-out pairs, "
-          f"{total} steps of {args.batch_size} samples, lambda={args.lam}", flush=True)
+    print(f"{objective.kind}: {n_params:,} params on {device}, {len(train_rows)} train pairs, {len(eval_rows)} "
+          f"held-out pairs, {total} steps of {args.batch_size} samples, {objective.meta()}", flush=True)
 
     t0 = time.time()
     with world.atomic_dir(args.out) as tmp:
@@ -269,21 +302,16 @@ def train(args: Args):
         tqdm.write(f"eval step 0 | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
                    f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f}")
         rng = random.Random(args.seed)
-        step, bar = 0, tqdm(total=total, desc="gvm", leave=False)
+        step, bar = 0, tqdm(total=total, desc=objective.kind, leave=False, disable=None)
         while step < total:
-            order = list(range(len(train_samples)))
-            rng.shuffle(order)
+            order = batch_order(len(train_samples), objective.pair_batches, rng)
             for i in range(0, len(order), args.batch_size):
                 if step >= total:
                     break
                 t_step = time.time()
                 batch = collate([train_samples[j] for j in order[i:i + args.batch_size]], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                values = state_values(model, batch)
-                # §2: targets from the current model without gradient; dropout is off, so the detached
-                # values of this forward equal a separate no-grad pass
-                targets = td_lambda_targets(values, batch["state_mask"], batch["labels"], args.gamma, args.lam)
-                loss = value_loss(values, targets, batch["state_mask"])
+                loss, m = objective.loss(state_values(model, batch), batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -292,14 +320,12 @@ def train(args: Args):
                 step += 1
                 bar.update(1)
                 if step % args.log_every == 0 or step == total:
-                    m = {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
-                         "val/target_mean": masked_mean(targets, batch["state_mask"]).item(),
-                         "train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0],
-                         "train/epoch": step / steps_per_epoch, "time/step": time.time() - t_step,
-                         "time/elapsed": time.time() - t0}
+                    m.update({"train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0],
+                              "train/epoch": step / steps_per_epoch, "time/step": time.time() - t_step,
+                              "time/elapsed": time.time() - t0})
                     log.write(step, m)
-                    tqdm.write(f"step {step}/{total} | loss/value {m['loss/value']:.4f} | val/mean "
-                               f"{m['val/mean']:+.3f} | lr {m['train/lr']:.2e} | {m['time/elapsed']:.0f}s")
+                    tqdm.write(f"step {step}/{total} | " + " | ".join(f"{k} {v:+.4f}" for k, v in list(m.items())[:3])
+                               + f" | lr {m['train/lr']:.2e} | {m['time/elapsed']:.0f}s")
                 if step % args.eval_every == 0 or step == total:
                     metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
                     log.write(step, metrics)
@@ -309,8 +335,7 @@ def train(args: Args):
         bar.close()
         log.close()
         wall = time.time() - t0
-        meta = {"kind": "gvm", "base_model": args.model, "data": args.data, "lam": args.lam, "gamma": args.gamma,
-                "label": "+1 chosen / -1 rejected"}
+        meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
         save_value_model(model, tok, tmp, meta)
         summary = {**metrics, "train/steps": step, "train/pairs": len(train_rows), "eval/pairs": len(eval_rows),
                    "params": n_params, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}

@@ -238,11 +238,31 @@ def rss_bytes():
 class Probe:
     """Per-phase wall time and memory. On CUDA: peak allocated bytes within each phase
     (torch.cuda.max_memory_allocated, reset at the phase's start). On CPU: the tally of parameter, gradient and
-    optimizer-state bytes at the phase's end, with process RSS beside it."""
+    optimizer-state bytes at the phase's end, with process RSS beside it. On both: the peak bytes of
+    activations saved for backward (parameters excluded, shared storage counted once)."""
 
     def __init__(self, device, models=(), optimizers=()):
         self.device, self.models, self.optimizers = torch.device(device), models, optimizers
         self.metrics = {}
+        self.live, self.peak, self.count = 0, 0, {}
+
+    def _pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.param_ptrs:
+            self.count[ptr] = self.count.get(ptr, 0) + 1
+            if self.count[ptr] == 1:
+                self.live += t.untyped_storage().nbytes()
+                self.peak = max(self.peak, self.live)
+        return t, ptr
+
+    def _unpack(self, packed):
+        t, ptr = packed
+        if ptr in self.count:
+            self.count[ptr] -= 1
+            if self.count[ptr] == 0:
+                del self.count[ptr]
+                self.live -= t.untyped_storage().nbytes()
+        return t
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -251,8 +271,11 @@ class Probe:
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.param_ptrs = {p.untyped_storage().data_ptr() for m in self.models for p in m.parameters()}
+        self.live, self.peak, self.count = 0, 0, {}
         t0 = time.perf_counter()
-        yield
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
         m = self.metrics
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -261,6 +284,8 @@ class Probe:
         else:
             m[f"memory/{name}_state_bytes"] = sum(state_bytes(self.models, self.optimizers).values())
             m[f"memory/{name}_rss_bytes"] = rss_bytes()
+        key = f"memory/{name}_activation_bytes"
+        m[key] = max(m.get(key, 0), self.peak)
         m[f"time/{name}"] = m.get(f"time/{name}", 0.0) + time.perf_counter() - t0
 
     def pop(self):
@@ -433,7 +458,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device):
     with world.atomic_dir(args.out) as tmp:
         log = world.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
         ev = {}
-        for step in tqdm(range(args.steps + 1), desc=algo.name, leave=False):
+        for step in tqdm(range(args.steps + 1), desc=algo.name, leave=False, disable=None):
             if eval_prompts and (step % args.eval_every == 0 or step == args.steps):
                 ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000)
                 log.write(step, ev)

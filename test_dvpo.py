@@ -18,6 +18,7 @@ import torch
 
 import dvpo
 import gvm
+import ppo_baseline
 import rollout
 import world
 
@@ -595,3 +596,75 @@ def test_dvpo_raises_held_out_gold_and_evaluate_shows_it(default_world):
     assert sft["kl"] == 0 and sft["win_rate"] == 0.5 and sft_again == sft and sft["grammatical"] > 0.9
     assert tuned["gold"] - tuned["gold_ci95"] > sft["gold"] + sft["gold_ci95"] and tuned["win_rate"] > 0.5
     assert tuned["kl"] > 0 and "| ckpt/dvpo |" in proc.stdout and "V(s_0)" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------- ppo_baseline.py, compare.py
+def test_bradley_terry_loss_by_hand():
+    loss = ppo_baseline.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    # (-log sigmoid(1) - log sigmoid(-2)) / 2 = (0.31326 + 2.12693) / 2
+    assert loss.item() == pytest.approx((0.313262 + 2.126928) / 2, abs=1e-5)
+
+
+def test_reward_model_objective_reads_the_last_token_of_each_pair():
+    values = torch.tensor([[0.0, 9.0, 2.0, 0.0], [0.0, 1.0, 9.0, 9.0]])  # chosen T=2, rejected T=1
+    batch = {"state_mask": torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])}
+    loss, m = ppo_baseline.BradleyTerry().loss(values, batch)
+    assert loss.item() == pytest.approx(ppo_baseline.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0])).item())
+    assert m["rm/accuracy"] == 1.0 and m["rm/margin"] == pytest.approx(1.0)
+
+
+def test_clipped_value_loss_by_hand():
+    vpred, old, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0, 0.0]])
+    loss, clipfrac = ppo_baseline.clipped_value_loss(vpred, old, returns, torch.ones(1, 2), 0.2)
+    # clipped values 0.7 and 0.3: max((1-2)^2, (0.7-2)^2) = 1.69, max(0^2, 0.3^2) = 0.09; half their mean
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 0.09) / 2)
+    assert clipfrac.item() == pytest.approx(1.0)
+
+
+def test_critic_starts_equal_to_the_reward_model_and_trains_alone(tiny_gvm):
+    rm, _, _ = gvm.load_value_model(str(tiny_gvm))
+    critic = ppo_baseline.LearnedCritic(ppo_baseline.Args(), rm)
+    a, b = critic.critic.state_dict(), rm.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p.requires_grad for p in critic.critic.parameters()) and not any(p.requires_grad for p in rm.parameters())
+    in_opt = {id(p) for g in critic.opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in critic.critic.parameters()}
+
+
+def test_ppo_baseline_raises_held_out_gold(default_world):
+    cwd, gvm_proc = default_world
+    assert gvm_proc.returncode == 0
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "ppo_baseline.py"), "--steps", "20", "--eval-every", "10",
+                           "--rm-epochs", "1"], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rm_summary = json.loads((cwd / "ckpt" / "rm" / "summary.json").read_text())
+    assert rm_summary["eval/pairwise_acc_final"] > 0.6
+    assert json.loads((cwd / "ckpt" / "rm" / gvm.META_FILE).read_text())["kind"] == "reward-model"
+    lines = [json.loads(line) for line in (cwd / "ckpt" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if "eval/gold" in m]
+    first, last = evals[0], evals[-1]
+    assert last["eval/gold"] - last["eval/gold_ci95"] > first["eval/gold"] + first["eval/gold_ci95"], (first, last)
+    steps = [m for m in lines if "loss/value" in m]
+    assert len(steps) == 20 and all(m["val/ratio_first_max_dev"] == 0.0 for m in steps)
+
+
+def test_compare_runs_both_methods_and_reports_every_phase_and_ratio(tmp_path):
+    out = tmp_path / "cmp.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "compare.py"), "--root", str(tmp_path / "bench"),
+                           "--hidden", "32", "--layers", "1", "--heads", "2", "--sft-steps", "60", "--seeds", "0",
+                           "--steps", "2", "--eval-n", "10", "--batch-size", "8", "--minibatch-size", "4",
+                           "--value-epochs", "1", "--json", str(out)],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for method in ("dvpo", "ppo"):
+        mem, t = res[method]["memory"], res[method]["time"]
+        assert all(mem[p] > 0 for p in ("generate", "score", "update", "overall")) and set(t) >= {"generate", "score", "update", "step"}
+        # the tally of real parameter, gradient and AdamW-state bytes matches 16 B per trained and 4 B per frozen
+        # parameter (plus AdamW's one-number step counters)
+        assert mem["states_measured"] == pytest.approx(mem["states_analytic"], rel=1e-3)
+        assert len(res[method]["quality"]) == 1
+    d, p = res["dvpo"]["memory"], res["ppo"]["memory"]
+    assert d["states_analytic"] / p["states_analytic"] == pytest.approx(0.6, abs=0.01)  # 24 / 40 bytes per parameter
+    assert "DVPO/PPO" in proc.stdout and "| update |" in proc.stdout and "reward model" in proc.stdout
+    assert {"gvm", "rm"} <= set(res["value_models"])

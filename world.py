@@ -329,7 +329,7 @@ def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.sft_steps) / cfg.sft_steps))))
     model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="world: SFT policy", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.sft_steps), desc="world: SFT policy", disable=None if progress else True, leave=False)
     loss = torch.tensor(0.0)
     for _ in bar:
         texts = [grammar.review() + f" {EOS}" for _ in range(cfg.sft_batch)]
@@ -350,7 +350,7 @@ def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
 def sample_responses(model, tok, prompts, max_new_tokens, batch_size, progress=True, desc="sampling"):
     """One sampled response per prompt (temperature 1, no top-k/top-p). Returns (texts, ended_with_eos)."""
     texts, ended = [], []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=None if progress else True, leave=False):
         enc = tok(prompts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="left")
         out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,

@@ -1,0 +1,216 @@
+"""DVPO against PPO on one world, with the same seeds, flags and budget: memory, time and quality in one table
+(DVPO.md §7). For each seed, dvpo.py and ppo_baseline.py run back to back, each in its own process (so RSS
+and CUDA peaks are its own), after the GVM and the reward model are trained on the same preference pairs.
+
+    python compare.py                                   # benchmark world (Llama, 4 layers, width 128), 3 seeds
+    python compare.py --seeds 0 --steps 2 --eval-n 20   # a smoke run
+
+Memory on CUDA is torch.cuda.max_memory_allocated per phase; on CPU it is the tally of parameter, gradient and
+optimizer-state bytes plus the peak bytes of activations saved for backward, with process RSS beside it.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import gvm
+import ppo_baseline
+import world
+from world import UsageError, arg
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PHASES = ("generate", "score", "update")
+
+
+@dataclass
+class Args:
+    root: str = arg("ckpt/bench", "folder for the benchmark world, the value models and every run")
+    hidden: int = arg(128, "width of the benchmark world's Llama (the model-state share of memory grows with it)")
+    layers: int = arg(4, "layers of the benchmark world's Llama")
+    heads: int = arg(4, "attention heads of the benchmark world's Llama")
+    sft_steps: int = arg(600, "SFT steps of the benchmark world")
+    sft_lr: float = arg(2e-3, "SFT learning rate of the benchmark world")
+    seeds: str = arg("0,1,2", "comma-separated seeds; each runs DVPO then PPO")
+    steps: int = arg(100, "RL steps of every run")
+    batch_size: int = arg(64, "prompts per RL step")
+    minibatch_size: int = arg(16, "responses per PPO minibatch")
+    value_epochs: int = arg(3, "epochs of GVM and reward-model training (the same for both)")
+    eval_n: int = arg(500, "held-out prompts of each run's evaluations")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    json: str = arg("", "results file; empty: <root>/compare.json")
+
+
+def bench_world(args):
+    """The benchmark world in args.root, built unless one with the same settings is there."""
+    cfg = world.WorldConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, sft_steps=args.sft_steps,
+                            sft_lr=args.sft_lr)
+    marker = os.path.join(args.root, "data", world.MARKER)
+    if not (os.path.exists(marker) and json.load(open(marker))["config"] == asdict(cfg)):
+        world.build_world(args.root, cfg)
+    return {name: os.path.join(args.root, *parts) for name, parts in
+            (("sft", ("sft",)), ("pairs", ("data", "pairs_train.jsonl")), ("pairs_eval", ("data", "pairs_eval.jsonl")),
+             ("prompts", ("data", "prompts_train.jsonl")), ("prompts_eval", ("data", "prompts_eval.jsonl")))}
+
+
+def value_models(args, paths):
+    """GVM (TD(lambda)) and reward model (Bradley-Terry) from one loop, one backbone and the same pairs."""
+    out = {}
+    for kind, folder, objective in (("gvm", "gvm", None), ("rm", "rm", ppo_baseline.BradleyTerry())):
+        a = gvm.Args(model=paths["sft"], data=paths["pairs"], eval_data=paths["pairs_eval"],
+                     out=os.path.join(args.root, folder), epochs=args.value_epochs, device=args.device)
+        out[kind] = gvm.train(a, objective)
+    return out
+
+
+def run(script, flags, log_path):
+    """One training run in its own process; its output goes to log_path."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, os.path.join(REPO, script), *flags], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise UsageError(f"{script} failed (exit {proc.returncode}); its log: {log_path}")
+
+
+def read_run(folder):
+    lines = [json.loads(x) for x in open(os.path.join(folder, "metrics.jsonl"))]
+    return ([m for m in lines if "time/update" in m], [m for m in lines if "eval/gold" in m],
+            json.load(open(os.path.join(folder, "summary.json"))))
+
+
+def memory(steps, cuda):
+    """Peak bytes per phase and overall, the model-state tally, and RSS, over a run's steps."""
+    out = {}
+    for p in PHASES:
+        if cuda:
+            out[p] = max(m[f"memory/{p}_peak_bytes"] for m in steps)
+        else:
+            out[p] = max(m[f"memory/{p}_state_bytes"] + m[f"memory/{p}_activation_bytes"] for m in steps)
+        out[f"{p}_activations"] = max(m[f"memory/{p}_activation_bytes"] for m in steps)
+    out["overall"] = max(out[p] for p in PHASES)
+    if not cuda:
+        out["states_measured"] = max(m["memory/update_state_bytes"] for m in steps)
+        out["rss"] = max(m[f"memory/{p}_rss_bytes"] for m in steps for p in PHASES)
+    return out
+
+
+def summarize(method, runs, cuda):
+    """Medians of per-step times over all steps but each run's first (warm-up) over all seeds; worst-case
+    memory over seeds; quality per seed."""
+    steps = [m for st, _, _ in runs for m in (st[1:] if len(st) > 1 else st)]
+    times = {p: statistics.median(m[f"time/{p}"] for m in steps) for p in PHASES}
+    times["step"] = statistics.median(sum(m[f"time/{p}"] for p in PHASES) for m in steps)
+    mems = [memory(st, cuda) for st, _, _ in runs]
+    mem = {k: max(m[k] for m in mems) for k in mems[0]}
+    s0 = runs[0][2]
+    mem["states_analytic"] = 16 * s0["params/trained"] + 4 * s0["params/frozen"]  # fp32 AdamW (§7)
+    quality = [{"seed": s["args"]["seed"], "gold": s["eval/gold"], "gold_ci95": s["eval/gold_ci95"],
+                "kl": s["eval/kl"]} for _, _, s in runs]
+    curve = [[(e["eval/kl"], e["eval/gold"]) for e in ev] for _, ev, _ in runs]
+    return {"method": method, "time": times, "memory": mem, "quality": quality, "curve": curve,
+            "params_trained": s0["params/trained"], "params_frozen": s0["params/frozen"]}
+
+
+def mib(x):
+    return f"{x / 2 ** 20:.1f}"
+
+
+def report(res, vm, args, cuda, device_name):
+    d, p = res["dvpo"], res["ppo"]
+    kind = "peak allocated (torch.cuda.max_memory_allocated)" if cuda else \
+        "model states (params + grads + AdamW) + activations saved for backward"
+    lines = [f"## DVPO vs PPO on {device_name}: {args.steps} steps of {args.batch_size} prompts, seeds {args.seeds}",
+             "", f"Policy {d['params_trained']:,} trained parameters; memory in MiB, {kind}.", "",
+             "| memory | DVPO | PPO | DVPO/PPO |", "| --- | --- | --- | --- |"]
+    rows = [(f"{ph} phase", ph) for ph in PHASES] + [("overall peak", "overall"),
+                                                     ("model states, analytic (16 B/trained, 4 B/frozen param)", "states_analytic")]
+    if not cuda:
+        rows += [("model states, measured tally", "states_measured"), ("activations, update phase", "update_activations"),
+                 ("process RSS (max, for reference)", "rss")]
+    for label, k in rows:
+        lines.append(f"| {label} | {mib(d['memory'][k])} | {mib(p['memory'][k])} | {d['memory'][k] / p['memory'][k]:.2f} |")
+    lines += ["", "| median time per RL step, s | DVPO | PPO | DVPO/PPO |", "| --- | --- | --- | --- |"]
+    for k in (*PHASES, "step"):
+        lines.append(f"| {k} | {d['time'][k]:.3f} | {p['time'][k]:.3f} | {d['time'][k] / p['time'][k]:.2f} |")
+    lines += ["", f"| held-out gold after {args.steps} steps ({args.eval_n} prompts, ± 95% CI) | per seed | mean | KL, nats/seq |",
+              "| --- | --- | --- | --- |"]
+    for r in (d, p):
+        per = " / ".join(f"{q['gold']:+.3f} ± {q['gold_ci95']:.3f}" for q in r["quality"])
+        lines.append(f"| {r['method'].upper()} | {per} | {statistics.mean(q['gold'] for q in r['quality']):+.3f} "
+                     f"| {statistics.mean(q['kl'] for q in r['quality']):.2f} |")
+    lines += ["", "| value model (same backbone, same pairs) | held-out acc, final value | held-out acc, mean value | training s |",
+              "| --- | --- | --- | --- |"]
+    for name, k in (("GVM (TD(λ), ±1 labels)", "gvm"), ("reward model (Bradley–Terry)", "rm")):
+        s = vm[k]
+        lines.append(f"| {name} | {s['eval/pairwise_acc_final']:.3f} | {s['eval/pairwise_acc_mean']:.3f} "
+                     f"| {s['time/wall_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(res, path):
+    """Gold reward against KL at each evaluation, per method and seed (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method, color in (("dvpo", "tab:blue"), ("ppo", "tab:orange")):
+        for i, curve in enumerate(res[method]["curve"]):
+            ax.plot(*zip(*curve), "o-", color=color, alpha=0.7, label=method.upper() if i == 0 else None)
+    ax.set_xlabel("KL(π‖π_ref), nats per sequence")
+    ax.set_ylabel("held-out gold reward (VADER)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def compare(args: Args):
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds or min(args.steps, args.batch_size, args.minibatch_size, args.eval_n, args.value_epochs) < 1:
+        raise UsageError("--seeds must name at least one seed; --steps, --batch-size, --minibatch-size, --eval-n "
+                         "and --value-epochs must be at least 1")
+    device = world.pick_device(args.device)
+    t0 = time.time()
+    paths = bench_world(args)
+    vm = value_models(args, paths)
+    common = ["--policy", paths["sft"], "--prompts", paths["prompts"], "--eval-prompts", paths["prompts_eval"],
+              "--eval-n", str(args.eval_n), "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 4)),
+              "--batch-size", str(args.batch_size), "--minibatch-size", str(args.minibatch_size),
+              "--table-every", str(10 ** 9), "--device", str(device)]
+    runs = {"dvpo": [], "ppo": []}
+    for seed in seeds:  # back to back, so that both methods meet the same machine load
+        for method, script, extra in (("dvpo", "dvpo.py", ["--gvm", os.path.join(args.root, "gvm")]),
+                                      ("ppo", "ppo_baseline.py", ["--rm", os.path.join(args.root, "rm")])):
+            out = os.path.join(args.root, f"{method}-s{seed}")
+            print(f"compare: {method} seed {seed} -> {out}", flush=True)
+            run(script, [*common, *extra, "--seed", str(seed), "--out", out], out + ".log")
+            runs[method].append(read_run(out))
+    cuda = device.type == "cuda"
+    device_name = (f"CUDA ({__import__('torch').cuda.get_device_name(device)})" if cuda
+                   else f"CPU ({os.cpu_count()} cores)")
+    res = {m: summarize(m, runs[m], cuda) for m in runs}
+    table = report(res, vm, args, cuda, device_name)
+    print("\n" + table)
+    results = {**res, "value_models": {k: {kk: v for kk, v in s.items() if kk != "args"} for k, s in vm.items()},
+               "device": device_name, "wall_seconds": time.time() - t0, "args": asdict(args), "table": table}
+    path = args.json or os.path.join(args.root, "compare.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    png = plot(res, os.path.splitext(path)[0] + ".png")
+    print(f"\nwrote {path}" + (f" and {png}" if png else " (pip install matplotlib for the gold-vs-KL plot)"))
+    return results
+
+
+def main(argv=None):
+    args = world.parse_args(Args, argv, __doc__)
+    world.run_main(lambda: compare(args))
+
+
+if __name__ == "__main__":
+    main()
