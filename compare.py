@@ -48,7 +48,11 @@ def bench_world(args):
     cfg = world.WorldConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, sft_steps=args.sft_steps,
                             sft_lr=args.sft_lr)
     marker = os.path.join(args.root, "data", world.MARKER)
-    if not (os.path.exists(marker) and json.load(open(marker))["config"] == asdict(cfg)):
+    built = None
+    if os.path.exists(marker):
+        with open(marker) as f:
+            built = json.load(f)["config"]
+    if built != asdict(cfg):
         world.build_world(args.root, cfg)
     return {name: os.path.join(args.root, *parts) for name, parts in
             (("sft", ("sft",)), ("pairs", ("data", "pairs_train.jsonl")), ("pairs_eval", ("data", "pairs_eval.jsonl")),

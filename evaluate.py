@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import gvm
 import rollout
 import world
 from world import UsageError, arg
@@ -131,8 +132,7 @@ def run(args: Args):
     ref.to(device).eval()
     value_model = None
     if args.gvm:
-        import gvm
-        value_model, _, meta = gvm.load_value_model(args.gvm, device)
+        value_model, _, _ = gvm.load_value_model(args.gvm, device)
         value_model.eval()
     results, scored = [], {}
     for name in args.policies:
@@ -152,7 +152,6 @@ def run(args: Args):
     print(markdown_table(results))
     report = {"results": results, "args": asdict(args)}
     if args.gvm:
-        import gvm
         pairs = gvm.validate_pairs(rollout.load_rows(args.pairs, args.split, "--pairs"), args.pairs)
         samples = gvm.pair_samples(pairs, ref_tok, 512, args.pairs)
         acc = gvm.pairwise_accuracy(value_model, samples, ref_tok.pad_token_id, device)

@@ -339,7 +339,8 @@ def validate_rl(args):
 
 def load_rl_models(args, device):
     """Policy (trained) and reference (frozen) with one tokenizer; the prompt sets."""
-    if world.SFT_DIR in (args.policy, args.ref) or world.PROMPTS_TRAIN in (args.prompts, args.eval_prompts):
+    if world.SFT_DIR in (args.policy, args.ref) or args.prompts == world.PROMPTS_TRAIN or \
+            args.eval_prompts == world.PROMPTS_EVAL:
         world.ensure_world()
     prompts = load_prompts(args.prompts, args.split, "--prompts")
     eval_prompts = load_prompts(args.eval_prompts, args.split, "--eval-prompts")[:args.eval_n] if args.eval_prompts else []

@@ -631,6 +631,16 @@ def test_critic_starts_equal_to_the_reward_model_and_trains_alone(tiny_gvm):
     assert in_opt == {id(p) for p in critic.critic.parameters()}
 
 
+def test_ppo_baseline_refuses_a_gvm_as_reward_model(tiny_world, tiny_gvm, tmp_path, capsys):
+    argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "ppo_out")
+    argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(tiny_gvm)]
+    with pytest.raises(SystemExit) as e:
+        ppo_baseline.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "holds a 'gvm' checkpoint, not a 'reward-model' one" in err, err
+    assert not (tmp_path / "ppo_out").exists()
+
+
 def test_ppo_baseline_raises_held_out_gold(default_world):
     cwd, gvm_proc = default_world
     assert gvm_proc.returncode == 0
