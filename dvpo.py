@@ -55,7 +55,6 @@ def compute_advantages(variant, values, smask, rewards, gamma, lam):
     return adv * amask
 
 
-
 # ---------------------------------------------------------------------------------------------- the critic
 class FrozenGVM:
     """DVPO's critic: the pretrained GVM, frozen, in no optimizer (§3); nothing of it is trained."""
