@@ -62,6 +62,7 @@ class FrozenGVM:
 
     def __init__(self, args, value_model):
         self.args, self.value_model, self.models = args, value_model, (value_model,)
+        self.describe = f"frozen GVM, advantage={args.advantage}"
 
     @torch.no_grad()
     def advantages(self, r, rewards):
@@ -95,8 +96,6 @@ def train(args: Args):
     world.seed_everything(args.seed)
     policy, ref, tok, prompts, eval_prompts = rollout.load_rl_models(args, device)
     critic = FrozenGVM(args, load_gvm(args, tok, device))
-    print(f"dvpo: advantage={args.advantage} lam={args.lam} beta={args.kl_coef}{' (adaptive)' if args.adaptive_kl else ''}, "
-          f"{args.steps} steps of {args.batch_size} prompts on {device}, {len(prompts)} prompts", flush=True)
     return rollout.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device)
 
 

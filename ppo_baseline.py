@@ -82,7 +82,7 @@ def clipped_value_loss(vpred, old_values, returns, mask, cliprange_value):
 class LearnedCritic:
     """PPO's critic (§4): a copy of the reward model, trained online by its own optimizer on a clipped value
     loss; the frozen reward model scores each response at its last token."""
-    name, score_name = "ppo", "rm_score"
+    name, score_name, describe = "ppo", "rm_score", "critic trained from the reward model"
 
     def __init__(self, args, reward_model):
         self.args, self.reward_model = args, reward_model.requires_grad_(False).eval()
@@ -118,8 +118,6 @@ def train(args: Args):
     world.seed_everything(args.seed)
     policy, ref, tok, prompts, eval_prompts = rollout.load_rl_models(args, device)
     critic = LearnedCritic(args, reward_model(args, tok, device))
-    print(f"ppo: critic from the reward model, lam={args.lam} beta={args.kl_coef}{' (adaptive)' if args.adaptive_kl else ''}, "
-          f"{args.steps} steps of {args.batch_size} prompts on {device}, {len(prompts)} prompts", flush=True)
     return rollout.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device)
 
 

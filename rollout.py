@@ -447,7 +447,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device):
     rewards -> algo.advantages -> PPO epochs (the policy's clipped step, then algo.minibatch_step if any) ->
     log -> periodic held-out gold evaluation -> save. `algo` holds what differs between the two methods:
     its critic, `advantages(r, rewards) -> [B, R]`, `score` (the critic's V(s_T) or RM score, [B]), `name`,
-    `score_name`, `models` and `optimizers` (for the memory tally), and optionally `minibatch_step`."""
+    `describe` (for the first printed line), `score_name`, `models` and `optimizers` (for the memory tally), and optionally `minibatch_step`."""
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     frozen = {id(p) for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad}
     assert not frozen & {id(p) for o in (opt, *algo.optimizers) for g in o.param_groups for p in g["params"]}
@@ -455,6 +455,8 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device):
     probe = Probe(device, models=(policy, ref, *algo.models), optimizers=(opt, *algo.optimizers))
     stream = prompt_stream(prompts, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    print(f"{algo.name}: {algo.describe}, lam={args.lam} beta={args.kl_coef}{' (adaptive)' if args.adaptive_kl else ''}, "
+          f"{args.steps} steps of {args.batch_size} prompts on {device}, {len(prompts)} prompts", flush=True)
     t0 = time.time()
     with world.atomic_dir(args.out) as tmp:
         log = world.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
@@ -494,7 +496,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device):
             if args.adaptive_kl:
                 kl_ctl.update(seq_kl, args.batch_size)
             tqdm.write(f"step {step + 1}/{args.steps} | gold {m['objective/gold']:+.3f} | kl {seq_kl:.2f} | "
-                       f"{algo.score_name} {algo.score.mean().item():+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "
+                       f"{algo.score_name} {m[f'objective/{algo.score_name}']:+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "
                        f"ent {m['policy/entropy']:.2f} | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s "
                        f"update {m['time/update']:.2f}s")
             if (step + 1) % args.table_every == 0:

@@ -285,7 +285,7 @@ def test_first_use_builds_world_and_trains_a_gvm_above_chance(default_world):
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    world.write_jsonl(path, rows)
     return str(path)
 
 
