@@ -4,12 +4,14 @@ and CUDA peaks are its own), after the GVM and the reward model are trained on t
 
     python compare.py                                   # benchmark world (Llama, 4 layers, width 128), 3 seeds
     python compare.py --seeds 0 --steps 2 --eval-n 20   # a smoke run
+    python compare.py --analytic ckpt/qwen-config       # the memory model (§7) for a real model's config only
 
 Memory on CUDA is torch.cuda.max_memory_allocated per phase; on CPU it is the tally of parameter, gradient and
 optimizer-state bytes plus the peak bytes of activations saved for backward, with process RSS beside it.
 """
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -39,8 +41,12 @@ class Args:
     minibatch_size: int = arg(16, "responses per PPO minibatch")
     value_epochs: int = arg(3, "epochs of GVM and reward-model training (the same for both)")
     eval_n: int = arg(500, "held-out prompts of each run's evaluations")
+    extra: str = arg("", "more flags for both dvpo.py and ppo_baseline.py, e.g. '--dtype bf16 --micro-batch-size 4'")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     json: str = arg("", "results file; empty: <root>/compare.json")
+    analytic: str = arg("", "only print the analytic memory of DVPO and PPO for this model (config folder or hub name)")
+    response_len: int = arg(256, "with --analytic: response tokens, for the logits and KV-cache rows")
+    prompt_len: int = arg(512, "with --analytic: prompt tokens, for the KV-cache row")
 
 
 def bench_world(args):
@@ -109,7 +115,8 @@ def summarize(method, runs, cuda):
     mems = [memory(st, cuda) for st, _, _ in runs]
     mem = {k: max(m[k] for m in mems) for k in mems[0]}
     s0 = runs[0][2]
-    mem["states_analytic"] = 16 * s0["params/trained"] + 4 * s0["params/frozen"]  # fp32 AdamW (§7)
+    frozen_bytes = 4 if s0["args"]["dtype"] == "fp32" else 2  # --dtype stores frozen models in 2 bytes
+    mem["states_analytic"] = 16 * s0["params/trained"] + frozen_bytes * s0["params/frozen"]  # AdamW, fp32 master (§7)
     quality = [{"seed": s["args"]["seed"], "gold": s["eval/gold"], "gold_ci95": s["eval/gold_ci95"],
                 "kl": s["eval/kl"]} for _, _, s in runs]
     curve = [[(e["eval/kl"], e["eval/gold"]) for e in ev] for _, ev, _ in runs]
@@ -129,7 +136,7 @@ def report(res, vm, args, cuda, device_name):
              "", f"Policy {d['params_trained']:,} trained parameters; memory in MiB, {kind}.", "",
              "| memory | DVPO | PPO | DVPO/PPO |", "| --- | --- | --- | --- |"]
     rows = [(f"{ph} phase", ph) for ph in PHASES] + [("overall peak", "overall"),
-                                                     ("model states, analytic (16 B/trained, 4 B/frozen param)", "states_analytic")]
+                                                     ("model states, analytic (16 B/trained, 4 or 2 B/frozen param)", "states_analytic")]
     if not cuda:
         rows += [("model states, measured tally", "states_measured"), ("activations, update phase", "update_activations"),
                  ("process RSS (max, for reference)", "rss")]
@@ -173,7 +180,49 @@ def plot(res, path):
     return path
 
 
+def analytic_memory(args):
+    """§7's memory model at a real model's size, from its config alone (instantiated on the meta device, so
+    nothing is allocated or downloaded but the config): model states per method and --dtype, and the two
+    largest activation terms, full-vocabulary logits and the generation KV cache, for --batch-size prompts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(args.analytic)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--analytic {args.analytic}: no model config there ({str(e).splitlines()[0][:160]})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    v = n + config.hidden_size + 1  # a value model: the backbone and its scalar head (lm_head is tied or dropped)
+    if not config.tie_word_embeddings:
+        v -= model.get_output_embeddings().weight.numel()
+    gib = lambda x: f"{x / 2 ** 30:.2f}"  # noqa: E731
+    lines = [f"## Analytic memory (§7) of {args.analytic}: {n:,} parameters, value models {v:,}, "
+             f"vocabulary {config.vocab_size:,}", "",
+             "| model states, GiB | DVPO | PPO | DVPO/PPO |", "| --- | --- | --- | --- |"]
+    for dtype, frozen in (("fp32", 4), ("bf16 or fp16", 2)):
+        dvpo_b = 16 * n + frozen * n + frozen * v  # policy + reference + frozen GVM
+        ppo_b = 16 * n + 16 * v + frozen * n + frozen * v  # policy + critic + reference + reward model
+        lines.append(f"| --dtype {dtype} (trained: 16 B/param; frozen: {frozen} B/param) | {gib(dvpo_b)} | {gib(ppo_b)} "
+                     f"| {dvpo_b / ppo_b:.2f} |")
+    heads = config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * \
+        getattr(config, "head_dim", config.hidden_size // heads)
+    logits = (args.response_len + 1) * config.vocab_size
+    lines += ["", f"| activations, GiB, for {args.batch_size} responses of {args.response_len} tokens in one pass "
+              f"(prompts {args.prompt_len}) | fp32 | bf16 |", "| --- | --- | --- |",
+              f"| logits of the response positions (and as much again for log-softmax without --logprob-chunk) "
+              f"| {gib(4 * args.batch_size * logits)} | {gib(2 * args.batch_size * logits)} |",
+              f"| generation KV cache | {gib(4 * args.batch_size * (args.prompt_len + args.response_len) * kv)} "
+              f"| {gib(2 * args.batch_size * (args.prompt_len + args.response_len) * kv)} |"]
+    table = "\n".join(lines)
+    print(table)
+    return {"params": n, "value_model_params": v, "table": table}
+
+
 def compare(args: Args):
+    if args.analytic:
+        return analytic_memory(args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds or min(args.steps, args.batch_size, args.minibatch_size, args.eval_n, args.value_epochs) < 1:
         raise UsageError("--seeds must name at least one seed; --steps, --batch-size, --minibatch-size, --eval-n "
@@ -185,7 +234,7 @@ def compare(args: Args):
     common = ["--policy", paths["sft"], "--prompts", paths["prompts"], "--eval-prompts", paths["prompts_eval"],
               "--eval-n", str(args.eval_n), "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 4)),
               "--batch-size", str(args.batch_size), "--minibatch-size", str(args.minibatch_size),
-              "--table-every", str(10 ** 9), "--device", str(device)]
+              "--table-every", str(10 ** 9), "--device", str(device), *shlex.split(args.extra)]
     runs = {"dvpo": [], "ppo": []}
     for seed in seeds:  # back to back, so that both methods meet the same machine load
         for method, script, extra in (("dvpo", "dvpo.py", ["--gvm", os.path.join(args.root, "gvm")]),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import gvm
+import loop
 import rollout
 import world
 from world import UsageError, arg
@@ -21,7 +22,7 @@ ADVANTAGES = ("released", "delta", "static")
 
 
 @dataclass
-class Args(rollout.RLArgs):
+class Args(loop.RLArgs):
     gvm: str = arg("ckpt/gvm", "the global value model from gvm.py (frozen here)")
     advantage: str = arg("delta", "released | delta | static: how GVM values become advantages (README, DVPO.md §3)")
     out: str = arg("ckpt/dvpo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
@@ -66,7 +67,8 @@ class FrozenGVM:
 
     @torch.no_grad()
     def advantages(self, r, rewards):
-        full = self.value_model(r.input_ids, r.attention_mask)
+        full = rollout.in_chunks(lambda x: self.value_model(x.input_ids, x.attention_mask), r,
+                                 self.args.forward_batch_size)
         values = full[:, r.prompt_len - 1:]  # V(s_0 .. s_R)
         T = r.response_mask.sum(1).long()
         self.score = values.gather(1, T[:, None]).squeeze(1)  # V(s_T), logged
@@ -76,27 +78,26 @@ class FrozenGVM:
                                   self.args.gamma, self.args.lam)
 
 
-def load_gvm(args, tok, device):
-    """The frozen GVM, checked to share the policy's tokenizer."""
+def load_gvm(args, tok, device, dtype):
+    """The frozen GVM in --dtype, checked to share the policy's tokenizer and chat template."""
     if not os.path.isdir(args.gvm):
         raise UsageError(f"--gvm {args.gvm}: no such folder (train one first: python gvm.py --out {args.gvm})")
-    value_model, _, meta = gvm.load_value_model(args.gvm, device)
+    value_model, _, meta = gvm.load_value_model(args.gvm, device, dtype=dtype)
     value_model.requires_grad_(False).eval()  # §3: frozen for real
-    if meta.get("tokenizer_fingerprint") != world.tokenizer_fingerprint(tok):
-        raise UsageError(f"--gvm {args.gvm}: trained with another tokenizer than --policy {args.policy}; "
-                         f"train a GVM on this policy's backbone (python gvm.py --model {args.policy})")
+    gvm.check_tokenizer(meta, tok, f"--gvm {args.gvm}", args.policy, "python gvm.py --model")
     return value_model
 
 
 def train(args: Args):
     if args.advantage not in ADVANTAGES:
         raise UsageError(f"--advantage {args.advantage}: choose one of {', '.join(ADVANTAGES)}")
-    rollout.validate_rl(args)
+    loop.validate_rl(args)
     device = world.pick_device(args.device)
+    prec = rollout.Precision(args.dtype, device)
     world.seed_everything(args.seed)
-    policy, ref, tok, prompts, eval_prompts = rollout.load_rl_models(args, device)
-    critic = FrozenGVM(args, load_gvm(args, tok, device))
-    return rollout.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device)
+    policy, ref, tok, prompts, eval_prompts = loop.load_rl_models(args, device, prec)
+    critic = FrozenGVM(args, load_gvm(args, tok, device, prec.dtype))
+    return loop.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device, prec)
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import data
 import gvm
 import rollout
 import world
@@ -27,8 +28,10 @@ class Args:
     policies: list = field(default_factory=list, metadata={
         "nargs": "*", "help": "policy folders or hub names; the first is the baseline"})
     ref: str = arg("", "reference policy for the KL; empty: the first policy")
-    prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts (a dataset with a 'prompt' column); the default is the world's")
-    split: str = arg("train", "split to read when --prompts is a hub dataset")
+    prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts, any shape data.py reads; the default is the world's")
+    split: str = arg("train", "split to read when --prompts or --pairs is a hub dataset or a DatasetDict folder")
+    max_prompt_len: int = arg(256, "prompts longer than this many tokens (after the chat template) are dropped, with a count")
+    strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
     n_prompts: int = arg(0, "use only the first N prompts (0: all)")
     samples_per_prompt: int = arg(1, "responses sampled per prompt")
     batch_size: int = arg(250, "prompts per generate() call")
@@ -44,11 +47,12 @@ class Args:
 
 @torch.no_grad()
 def score_policy(policy, ref, tok, prompts, batch_size, max_new_tokens, temperature=1.0, value_model=None):
-    """Sample one response per prompt and score it: gold (VADER), sequence KL to ref (sum of k1 over the
-    response, at the sampling temperature), length, EOS, and the value model's V(s_T) when given."""
+    """Sample one response per (prompt, ids) and score it: gold (VADER), sequence KL to ref (sum of k1 over
+    the response, at the sampling temperature), length, EOS, and the value model's V(s_T) when given."""
     out = {"gold": [], "kl": [], "length": [], "ended": [], "texts": [], "value": []}
     for i in range(0, len(prompts), batch_size):
-        r = rollout.generate(policy, tok, prompts[i:i + batch_size], max_new_tokens, temperature)
+        batch = prompts[i:i + batch_size]
+        r = rollout.generate(policy, tok, [p for p, _ in batch], max_new_tokens, temperature, ids=[x for _, x in batch])
         logp = rollout.response_logprobs(policy, r, temperature)
         ref_logp = rollout.response_logprobs(ref, r, temperature)
         out["kl"] += rollout.kl_k1(logp, ref_logp).sum(1).tolist()
@@ -109,11 +113,10 @@ def markdown_table(rows):
 def print_token_values(value_model, tok, prompts, texts, k):
     """The GVM's value after each response token, so a reader sees where it jumps."""
     for prompt, text in list(zip(prompts, texts))[:k]:
-        p = tok(prompt)["input_ids"]
-        r = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        p, r = data.prompt_ids(tok, prompt), data.response_ids(tok, text)
         ids = torch.tensor([p + r], device=next(value_model.parameters()).device)
         v = value_model(ids, torch.ones_like(ids))[0, len(p) - 1:].tolist()
-        print(f"\n{prompt!r} -> {text!r}\n  {'(prompt)':>12} V(s_0) = {v[0]:+.3f}")
+        print(f"\n{data.show(prompt)!r} -> {text!r}\n  {'(prompt)':>12} V(s_0) = {v[0]:+.3f}")
         for t, tid in enumerate(r):
             print(f"  {tok.convert_ids_to_tokens(tid):>12} V = {v[t + 1]:+.3f}  ({v[t + 1] - v[t]:+.3f})")
 
@@ -126,17 +129,17 @@ def run(args: Args):
     device = world.pick_device(args.device)
     if args.prompts == world.PROMPTS_EVAL or (args.gvm and args.pairs == world.PAIRS_EVAL):
         world.ensure_world()
-    prompts = rollout.load_prompts(args.prompts, args.split)
-    prompts = (prompts[:args.n_prompts] if args.n_prompts else prompts) * args.samples_per_prompt
-    ref, ref_tok = rollout.load_pretrained(args.ref or args.policies[0], "--ref" if args.ref else "policy")
+    ref, ref_tok = data.load_pretrained(args.ref or args.policies[0], "--ref" if args.ref else "policy")
     ref.to(device).eval()
+    prompts = data.load_prompts(args.prompts, args.split, "--prompts", ref_tok, args.max_prompt_len, args.strict)
+    prompts = (prompts[:args.n_prompts] if args.n_prompts else prompts) * args.samples_per_prompt
     value_model = None
     if args.gvm:
         value_model, _, _ = gvm.load_value_model(args.gvm, device)
         value_model.eval()
     results, scored = [], {}
     for name in args.policies:
-        policy, tok = rollout.load_pretrained(name, "policy")
+        policy, tok = data.load_pretrained(name, "policy")
         if world.tokenizer_fingerprint(tok) != world.tokenizer_fingerprint(ref_tok):
             raise UsageError(f"policy {name}: its tokenizer differs from the reference's; KL needs shared token ids")
         policy.to(device).eval()
@@ -144,7 +147,7 @@ def run(args: Args):
         scored[name] = score_policy(policy, ref, tok, prompts, args.batch_size, args.max_new_tokens,
                                     args.temperature, value_model)
         results.append(summarize(name, scored[name], scored[args.policies[0]],
-                                 prompts if args.prompts == world.PROMPTS_EVAL else None))
+                                 [p for p, _ in prompts] if args.prompts == world.PROMPTS_EVAL else None))
         print(f"{name}: gold {results[-1]['gold']:+.3f} ± {results[-1]['gold_ci95']:.3f}, "
               f"KL {results[-1]['kl']:.2f}", file=sys.stderr, flush=True)
     print(f"\n{len(prompts)} held-out samples per policy from {args.prompts}, KL against "
@@ -152,14 +155,14 @@ def run(args: Args):
     print(markdown_table(results))
     report = {"results": results, "args": asdict(args)}
     if args.gvm:
-        pairs = gvm.validate_pairs(rollout.load_rows(args.pairs, args.split, "--pairs"), args.pairs)
-        samples = gvm.pair_samples(pairs, ref_tok, 512, args.pairs)
+        pairs = data.load_pairs(args.pairs, args.split, "--pairs", args.strict)
+        samples = gvm.pair_samples(pairs, ref_tok, 512, f"--pairs {args.pairs}", args.max_prompt_len, args.strict)
         acc = gvm.pairwise_accuracy(value_model, samples, ref_tok.pad_token_id, device)
         report["gvm"] = {"path": args.gvm, **acc}
         print(f"\nGVM {args.gvm}: held-out pairwise accuracy {acc['eval/pairwise_acc_final']:.3f} (final value), "
               f"{acc['eval/pairwise_acc_mean']:.3f} (mean value) on {len(pairs)} pairs of {args.pairs}")
         last = scored[args.policies[-1]]
-        print_token_values(value_model, ref_tok, prompts, last["texts"], args.show_values)
+        print_token_values(value_model, ref_tok, [p for p, _ in prompts], last["texts"], args.show_values)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

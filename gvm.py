@@ -20,16 +20,20 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import world
-from rollout import gae, load_pretrained, load_rows, masked_mean
+import data
+from rollout import Precision, gae, masked_mean
 from world import UsageError, arg
 
 
 @dataclass
 class Args:
     model: str = arg(world.SFT_DIR, "backbone: a local folder or hub name of a causal LM; the default is the world's SFT policy")
-    data: str = arg(world.PAIRS_TRAIN, "preference pairs with prompt/chosen/rejected: json, jsonl, parquet, csv, a saved dataset folder or a hub name")
+    data: str = arg(world.PAIRS_TRAIN, "preference pairs in any shape data.py reads: json, jsonl, parquet, csv, a saved dataset folder or a hub name")
     eval_data: str = arg("", "held-out pairs; empty: the world's held-out pairs for the default --data, else --eval-frac of --data")
-    split: str = arg("train", "split to read when --data is a hub dataset")
+    split: str = arg("train", "split to read when --data is a hub dataset or a DatasetDict folder")
+    eval_split: str = arg("", "split of --eval-data; empty: --split")
+    max_prompt_len: int = arg(256, "pairs whose prompt is longer than this many tokens (after the chat template) are dropped, with a count")
+    strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
     eval_frac: float = arg(0.05, "fraction of --data held out when --eval-data is empty and --data is not the world's")
     out: str = arg("ckpt/gvm", "output folder: backbone, head, tokenizer, value_model.json, metrics.jsonl, summary.json")
     lam: float = arg(0.95, "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap")
@@ -37,6 +41,9 @@ class Args:
     epochs: int = arg(3, "passes over the training pairs")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
     batch_size: int = arg(32, "samples per optimizer step (a pair gives two samples)")
+    micro_batch_size: int = arg(0, "samples per forward/backward; gradients accumulate over --batch-size (0: the whole batch)")
+    dtype: str = arg("fp32", "fp32 | bf16 | fp16: weights stay fp32, forward and backward run under autocast in this dtype")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward instead of storing them")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0")
     warmup_steps: int = arg(20, "steps of linear learning-rate warmup")
     weight_decay: float = arg(0.0, "AdamW weight decay")
@@ -63,14 +70,14 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask):
         # §5.1: position ids from the mask, so left and right padding give the same values
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state
-        return self.head(hidden).squeeze(-1)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
 
 
-def load_backbone(name, flag="--model"):
+def load_backbone(name, flag="--model", dtype=torch.float32):
     """Any Hugging Face causal LM (local folder or hub name) as a headless backbone, with its tokenizer."""
-    return load_pretrained(name, flag, causal_lm=False)
+    return data.load_pretrained(name, flag, causal_lm=False, dtype=dtype)
 
 
 HEAD_FILE, META_FILE = "value_head.safetensors", "value_model.json"
@@ -85,7 +92,7 @@ def save_value_model(model, tok, folder, meta):
         json.dump({**meta, "tokenizer_fingerprint": world.tokenizer_fingerprint(tok)}, f, indent=2)
 
 
-def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm"):
+def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch.float32):
     """Load a checkpoint written by save_value_model: (ValueModel, tokenizer, meta). Later stages use this."""
     from safetensors.torch import load_file
     meta_path = os.path.join(folder, META_FILE)
@@ -95,49 +102,36 @@ def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm"):
         meta = json.load(f)
     if meta.get("kind") != kind:
         raise UsageError(f"{flag} {folder}: holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
-    backbone, tok = load_backbone(folder, flag)
+    backbone, tok = load_backbone(folder, flag, dtype)
     model = ValueModel(backbone)
     model.head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
     return model.to(device), tok, meta
 
 
+def check_tokenizer(meta, tok, where, policy, hint):
+    """Refuse a value model whose tokenizer (vocabulary, special tokens, chat template) is not the policy's."""
+    if meta.get("tokenizer_fingerprint") != world.tokenizer_fingerprint(tok):
+        raise UsageError(f"{where}: built from {meta.get('base_model')} with another tokenizer than --policy {policy}; "
+                         f"train one on this policy's backbone ({hint} {policy})")
+
+
 # ---------------------------------------------------------------------------------------------- data
-def validate_pairs(rows, path):
-    """Every row needs non-empty string prompt/chosen/rejected; errors name the file and 1-based row."""
-    if not rows:
-        raise UsageError(f"{path}: no rows")
-    for col in ("prompt", "chosen", "rejected"):
-        if col not in rows[0]:
-            raise UsageError(f"{path}: no '{col}' column (columns: {', '.join(rows[0])})")
-    for i, row in enumerate(rows, 1):
-        for col in ("prompt", "chosen", "rejected"):
-            v = row.get(col)
-            if not isinstance(v, str):
-                raise UsageError(f"{path} row {i}: '{col}' is missing or not a string")
-            if col != "prompt" and not v.strip():
-                raise UsageError(f"{path} row {i}: '{col}' is an empty response")
-    return rows
+def encode(tok, prompt, response, max_len, max_prompt_len=0):
+    """(prompt ids, response ids + EOS), encoded as the RL scripts encode them (data.py). A prompt over
+    max_prompt_len raises data.TooLong; past max_len, the prompt is cut from the left, then the response
+    from the right."""
+    p = data.encode_prompt(tok, prompt, max_prompt_len)
+    r = data.response_ids(tok, response)[:max_len - 1]
+    return p[-(max_len - len(r)):], r
 
 
-def encode(tok, prompt, response, max_len):
-    """(prompt ids, response ids + EOS). The prompt is cut from the left, the response from the right."""
-    p = tok(prompt)["input_ids"]
-    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    r = r[:max_len - 1]
-    p = p[-(max_len - len(r)):]
-    return p, r
-
-
-def pair_samples(rows, tok, max_len, path):
-    """Two samples per pair: (prompt ids, response ids, label) with chosen -> +1, rejected -> -1."""
-    samples = []
-    for i, row in enumerate(rows, 1):
-        for col, label in (("chosen", 1.0), ("rejected", -1.0)):
-            p, r = encode(tok, row["prompt"], row[col], max_len)
-            if not p:
-                raise UsageError(f"{path} row {i}: the prompt has no tokens and the tokenizer adds no BOS")
-            samples.append((p, r, label))
-    return samples
+def pair_samples(pairs, tok, max_len, where, max_prompt_len=0, strict=False):
+    """Two samples per (prompt, chosen, rejected): (prompt ids, response ids, label), chosen -> +1 first."""
+    def both(pair):
+        prompt, chosen, rejected = pair
+        return [(*encode(tok, prompt, chosen, max_len, max_prompt_len), 1.0),
+                (*encode(tok, prompt, rejected, max_len, max_prompt_len), -1.0)]
+    return [s for two in data.encode_all(pairs, both, where, max_prompt_len, strict) for s in two]
 
 
 def collate(samples, pad_id):
@@ -220,12 +214,12 @@ def load_data(args):
     default_data = args.data == world.PAIRS_TRAIN
     if default_data or args.model == world.SFT_DIR:
         world.ensure_world()
-    train = validate_pairs(load_rows(args.data, args.split, "--data"), args.data)
+    train = data.load_pairs(args.data, args.split, "--data", args.strict)
     if args.eval_data:
-        held = validate_pairs(load_rows(args.eval_data, args.split, "--eval-data"), args.eval_data)
-        return train, held, args.eval_data
+        held = data.load_pairs(args.eval_data, args.eval_split or args.split, "--eval-data", args.strict)
+        return train, held, f"--eval-data {args.eval_data}"
     if default_data:
-        return train, validate_pairs(load_rows(world.PAIRS_EVAL), world.PAIRS_EVAL), world.PAIRS_EVAL
+        return train, data.load_pairs(world.PAIRS_EVAL, "train", "--eval-data", args.strict), f"--eval-data {world.PAIRS_EVAL}"
     if not 0 < args.eval_frac < 1:
         raise UsageError(f"--eval-frac {args.eval_frac}: must lie in (0, 1) when --eval-data is empty")
     order = list(range(len(train)))
@@ -233,7 +227,7 @@ def load_data(args):
     n_eval = max(1, int(len(train) * args.eval_frac))
     if len(train) - n_eval < 1:
         raise UsageError(f"--data {args.data}: too few rows ({len(train)}) to hold out {args.eval_frac:.0%}")
-    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], f"{args.data} (held-out part)"
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], f"--data {args.data} (held-out part)"
 
 
 class TDObjective:
@@ -251,6 +245,10 @@ class TDObjective:
         return loss, {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
                       "val/target_mean": masked_mean(targets, batch["state_mask"]).item()}
 
+    def weight(self, batch):
+        """What the loss averages over: states."""
+        return batch["state_mask"].sum().item()
+
     def meta(self):
         return {"lam": self.args.lam, "gamma": self.args.gamma, "label": "+1 chosen / -1 rejected"}
 
@@ -266,6 +264,26 @@ def batch_order(n_samples, pair_batches, rng):
     return [j for i in pairs for j in (2 * i, 2 * i + 1)]
 
 
+def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch_size=0):
+    """One optimizer step on a batch of samples, accumulated over micro-batches: each micro-batch's mean
+    loss is weighted by its share of what the objective averages over (states or pairs), so the gradient
+    equals the whole batch's. (statistics weighted the same way, gradient norm before clipping)"""
+    micro = micro_batch_size or len(samples)
+    parts = [collate(samples[i:i + micro], pad_id) for i in range(0, len(samples), micro)]
+    weights = [objective.weight(b) for b in parts]
+    opt.zero_grad(set_to_none=True)
+    stats = {}
+    for batch, w in zip(parts, weights):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with prec.autocast():
+            values = state_values(model, batch)
+        loss, m = objective.loss(values, batch)
+        prec.backward(loss * (w / sum(weights)))
+        for k, v in m.items():
+            stats[k] = stats.get(k, 0.0) + v * w / sum(weights)
+    return stats, prec.step(opt, model.parameters(), 1.0)
+
+
 def train(args: Args, objective=None):
     """Train a value model on preference pairs. The objective defaults to the GVM's; the PPO baseline passes
     its Bradley-Terry reward-model objective, so both models see the same data through the same loop."""
@@ -273,16 +291,23 @@ def train(args: Args, objective=None):
     for name in ("epochs", "batch_size", "max_len", "log_every", "eval_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.micro_batch_size < 0 or args.max_prompt_len < 0:
+        raise UsageError("--micro-batch-size and --max-prompt-len must be at least 0")
+    if objective.pair_batches and (args.batch_size % 2 or args.micro_batch_size % 2):
+        raise UsageError("--batch-size and --micro-batch-size must be even: a pair's two samples stay together")
     if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1):
         raise UsageError("--lam must lie in [0, 1] and --gamma in (0, 1]")
     device = world.pick_device(args.device)
+    prec = Precision(args.dtype, device)
     world.seed_everything(args.seed)
     train_rows, eval_rows, eval_name = load_data(args)
     backbone, tok = load_backbone(args.model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # masked: any id works
-    train_samples = pair_samples(train_rows, tok, args.max_len, args.data)
-    eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name)
+    pad_id = tok.pad_token_id  # masked everywhere; data.ensure_pad makes it differ from EOS
+    train_samples = pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len, args.strict)
+    eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name, args.max_prompt_len, args.strict)
     model = ValueModel(backbone).to(device)
+    if args.gradient_checkpointing:
+        data.enable_checkpointing(backbone)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -291,13 +316,14 @@ def train(args: Args, objective=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (total - s) / max(1, total - args.warmup_steps))))
-    print(f"{objective.kind}: {n_params:,} params on {device}, {len(train_rows)} train pairs, {len(eval_rows)} "
+    print(f"{objective.kind}: {n_params:,} params on {device} ({args.dtype}), {len(train_samples) // 2} train pairs, {len(eval_samples) // 2} "
           f"held-out pairs, {total} steps of {args.batch_size} samples, {objective.meta()}", flush=True)
 
     t0 = time.time()
     with world.atomic_dir(args.out) as tmp:
         log = world.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
-        metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
+        with prec.autocast():
+            metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
         log.write(0, metrics)
         tqdm.write(f"eval step 0 | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
                    f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f}")
@@ -309,13 +335,8 @@ def train(args: Args, objective=None):
                 if step >= total:
                     break
                 t_step = time.time()
-                batch = collate([train_samples[j] for j in order[i:i + args.batch_size]], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss, m = objective.loss(state_values(model, batch), batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                m, grad_norm = train_step(model, [train_samples[j] for j in order[i:i + args.batch_size]],
+                                          objective, opt, prec, pad_id, device, args.micro_batch_size)
                 sched.step()
                 step += 1
                 bar.update(1)
@@ -327,7 +348,8 @@ def train(args: Args, objective=None):
                     tqdm.write(f"step {step}/{total} | " + " | ".join(f"{k} {v:+.4f}" for k, v in list(m.items())[:3])
                                + f" | lr {m['train/lr']:.2e} | {m['time/elapsed']:.0f}s")
                 if step % args.eval_every == 0 or step == total:
-                    metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
+                    with prec.autocast():
+                        metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
                     log.write(step, metrics)
                     tqdm.write(f"eval step {step} | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
                                f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f} | "
@@ -337,7 +359,7 @@ def train(args: Args, objective=None):
         wall = time.time() - t0
         meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
         save_value_model(model, tok, tmp, meta)
-        summary = {**metrics, "train/steps": step, "train/pairs": len(train_rows), "eval/pairs": len(eval_rows),
+        summary = {**metrics, "train/steps": step, "train/pairs": len(train_samples) // 2, "eval/pairs": len(eval_samples) // 2,
                    "params": n_params, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

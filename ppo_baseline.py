@@ -6,20 +6,21 @@ memory: policy and critic (trained, each with its optimizer), reference and rewa
     python ppo_baseline.py                    # stage A into ckpt/rm, then stage B into ckpt/ppo
     python ppo_baseline.py --rm ckpt/rm       # reuse a reward model
 """
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import data
 import gvm
+import loop
 import rollout
 import world
-from world import UsageError, arg
+from world import arg
 
 
 @dataclass
-class Args(rollout.RLArgs):
+class Args(loop.RLArgs):
     rm: str = arg("", "a reward model from an earlier run (ckpt/rm); empty: train one first (stage A)")
     data: str = arg(world.PAIRS_TRAIN, "stage A's preference pairs, the same default as gvm.py's --data")
     eval_data: str = arg("", "stage A's held-out pairs, as gvm.py's --eval-data")
@@ -52,73 +53,109 @@ class BradleyTerry:
         return loss, {"loss/rm": loss.item(), "rm/accuracy": (chosen > rejected).float().mean().item(),
                       "rm/margin": (chosen - rejected).mean().item()}
 
+    def weight(self, batch):
+        """What the loss averages over: pairs."""
+        return len(batch["labels"]) // 2
+
     def meta(self):
         return {"loss": "bradley-terry", "score": "value head at the last response token"}
 
 
-def reward_model(args, tok, device):
-    """Load --rm, or train one on --data with gvm.py's loop and the Bradley-Terry loss (stage A)."""
-    path = args.rm
-    if not path:
-        gvm.train(gvm.Args(model=args.policy, data=args.data, eval_data=args.eval_data, split=args.split,
-                           out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
-                           seed=args.seed, device=args.device), BradleyTerry())
-        path = args.rm_out
-    model, _, meta = gvm.load_value_model(path, device, kind="reward-model", flag="--rm")
-    if meta.get("tokenizer_fingerprint") != world.tokenizer_fingerprint(tok):
-        raise UsageError(f"--rm {path}: trained with another tokenizer than --policy {args.policy}")
+def reward_model_path(args):
+    """--rm, or a reward model trained on --data with gvm.py's loop and the Bradley-Terry loss (stage A)."""
+    if args.rm:
+        return args.rm
+    gvm.train(gvm.Args(model=args.policy, data=args.data, eval_data=args.eval_data, split=args.split,
+                       eval_split=args.eval_split, max_prompt_len=args.max_prompt_len, strict=args.strict,
+                       out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
+                       micro_batch_size=args.micro_batch_size, dtype=args.dtype,
+                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, device=args.device),
+              BradleyTerry())
+    return args.rm_out
+
+
+def load_reward_model(path, args, tok, device, dtype):
+    model, _, meta = gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)
+    gvm.check_tokenizer(meta, tok, f"--rm {path}", args.policy, "python ppo_baseline.py --policy")
     return model
 
 
 # ---------------------------------------------------------------------------------------------- the critic
-def clipped_value_loss(vpred, old_values, returns, mask, cliprange_value):
-    """1/2 * mean over response tokens of max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old)."""
+def clipped_value_loss(vpred, old_values, returns, mask, cliprange_value, n=None):
+    """1/2 * sum over response tokens of max((V - R)^2, (V_clip - R)^2) / n, V_clip = V_old + clip(V - V_old);
+    n defaults to the token count (the mean), as in rollout.ppo_loss."""
+    n = mask.sum().clamp(min=1) if n is None else n
     vclipped = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)
-    loss = 0.5 * rollout.masked_mean(torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2), mask)
-    clipfrac = rollout.masked_mean(((vclipped - returns) ** 2 > (vpred - returns) ** 2).float(), mask)
+    loss = 0.5 * (torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2) * mask).sum() / n
+    with torch.no_grad():
+        clipfrac = (((vclipped - returns) ** 2 > (vpred - returns) ** 2).float() * mask).sum() / n
     return loss, clipfrac
 
 
 class LearnedCritic:
-    """PPO's critic (§4): a copy of the reward model, trained online by its own optimizer on a clipped value
-    loss; the frozen reward model scores each response at its last token."""
+    """PPO's critic (§4): the reward model's weights, in fp32, trained online by its own optimizer on a
+    clipped value loss; the frozen reward model (in --dtype) scores each response at its last token."""
     name, score_name, describe = "ppo", "rm_score", "critic trained from the reward model"
 
-    def __init__(self, args, reward_model):
+    def __init__(self, args, reward_model, critic, device):
         self.args, self.reward_model = args, reward_model.requires_grad_(False).eval()
-        self.critic = copy.deepcopy(reward_model).requires_grad_(True).train()
+        self.critic = critic.requires_grad_(True).train()
+        if args.gradient_checkpointing:
+            data.enable_checkpointing(self.critic.backbone)
         self.opt = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr, eps=1e-5)
+        self.prec = rollout.Precision(args.dtype, device)
         self.models, self.optimizers = (self.reward_model, self.critic), (self.opt,)
 
     @torch.no_grad()
     def advantages(self, r, rewards):
         P, T = r.prompt_len, r.response_mask.sum(1).long()
-        self.score = self.reward_model(r.input_ids, r.attention_mask)[:, P - 1:].gather(1, T[:, None]).squeeze(1)
+        chunk = self.args.forward_batch_size
+        scores = rollout.in_chunks(lambda x: self.reward_model(x.input_ids, x.attention_mask), r, chunk)
+        self.score = scores[:, P - 1:].gather(1, T[:, None]).squeeze(1)
         last = F.one_hot(T - 1, rewards.shape[1]).to(rewards.dtype)
-        self.old_values = self.critic(r.input_ids, r.attention_mask)[:, P - 1:-1] * r.response_mask  # V(s_0..s_{R-1})
+        values = rollout.in_chunks(lambda x: self.critic(x.input_ids, x.attention_mask), r, chunk)
+        self.old_values = values[:, P - 1:-1] * r.response_mask  # V(s_0..s_{R-1})
         adv, self.returns = rollout.gae(rewards + self.score[:, None] * last, self.old_values, r.response_mask,
                                         self.args.gamma, self.args.lam)
         return adv
 
     def minibatch_step(self, idx, mb):
-        vpred = self.critic(mb.input_ids, mb.attention_mask)[:, mb.prompt_len - 1:-1]
-        loss, clipfrac = clipped_value_loss(vpred, self.old_values[idx], self.returns[idx], mb.response_mask,
-                                            self.args.cliprange_value)
+        """One clipped value step, accumulated over micro-batches like the policy's (rollout.policy_step)."""
+        n = mb.response_mask.sum().clamp(min=1)
         self.opt.zero_grad(set_to_none=True)
-        (self.args.vf_coef * loss).backward()
-        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.args.max_grad_norm)
-        self.opt.step()
-        return {"loss/value": loss.item(), "val/clipfrac": clipfrac.item(),
-                "val/vpred": rollout.masked_mean(vpred, mb.response_mask).item()}
+        total = {}
+        for micro_idx in rollout.micro_batches(len(mb.prompts), self.args.micro_batch_size):
+            micro, rows = mb.index(micro_idx), idx[micro_idx]
+            with self.prec.autocast():
+                vpred = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1:-1]
+            loss, clipfrac = clipped_value_loss(vpred, self.old_values[rows], self.returns[rows], micro.response_mask,
+                                                self.args.cliprange_value, n)
+            self.prec.backward(self.args.vf_coef * loss)
+            rollout.accumulate(total, {"loss/value": loss, "val/clipfrac": clipfrac,
+                                       "val/vpred": (vpred.detach() * micro.response_mask).sum() / n})
+        self.prec.step(self.opt, self.critic.parameters(), self.args.max_grad_norm)
+        return {k: float(v) for k, v in total.items()}
+
+    def state_dict(self):
+        return {"critic": self.critic.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.prec.scaler.state_dict()}
+
+    def load_state_dict(self, s):
+        self.critic.load_state_dict(s["critic"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.prec.scaler.load_state_dict(s["scaler"])
 
 
 def train(args: Args):
-    rollout.validate_rl(args)
+    loop.validate_rl(args)
     device = world.pick_device(args.device)
+    prec = rollout.Precision(args.dtype, device)
     world.seed_everything(args.seed)
-    policy, ref, tok, prompts, eval_prompts = rollout.load_rl_models(args, device)
-    critic = LearnedCritic(args, reward_model(args, tok, device))
-    return rollout.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device)
+    policy, ref, tok, prompts, eval_prompts = loop.load_rl_models(args, device, prec)
+    path = reward_model_path(args)
+    critic = LearnedCritic(args, load_reward_model(path, args, tok, device, prec.dtype),
+                           load_reward_model(path, args, tok, device, torch.float32), device)
+    return loop.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device, prec)
 
 
 def main(argv=None):

@@ -1,93 +1,19 @@
-"""What every trainer shares: data loading, generation, log-probs, masked statistics, KL estimators, GAE,
-and per-phase time and memory probes. dvpo.py and ppo_baseline.py import these, so the two trainers differ
-only where the algorithms differ. Numbers like §5.2 refer to DVPO.md.
+"""The math every trainer shares: masked statistics, KL estimators, GAE, generation, log-probs (chunked or
+not), per-phase time and memory probes, mixed precision, and the PPO update with gradient accumulation.
+dvpo.py and ppo_baseline.py import these (through loop.py's shared loop), so the two trainers differ only
+where the algorithms differ. Numbers like §5.2 refer to DVPO.md.
 """
 import contextlib
-import json
 import os
-import random
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import world
-from world import UsageError, arg
-
-
-# ---------------------------------------------------------------------------------------------- data
-def load_rows(path, split="train", flag="--data"):
-    """Rows of a local json/jsonl/parquet/csv/arrow file, a saved dataset folder, or a hub dataset."""
-    import datasets
-    datasets.disable_progress_bars()
-    builders = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}
-    try:
-        if os.path.isfile(path):
-            ext = path.rsplit(".", 1)[-1].lower()
-            if ext not in builders:
-                raise UsageError(f"{flag} {path}: unsupported file type (use json, jsonl, parquet, csv or arrow)")
-            if os.path.getsize(path) == 0:
-                raise UsageError(f"{flag} {path}: the file is empty")
-            ds = datasets.load_dataset(builders[ext], data_files=path, split="train")
-        elif os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
-                                         ("dataset_info.json", "dataset_dict.json", "state.json")):
-            ds = datasets.load_from_disk(path)
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        elif os.path.isdir(path) or not world.looks_local(path):
-            ds = datasets.load_dataset(path, split=split)
-        else:
-            raise UsageError(f"{flag} {path}: no such file")
-    except UsageError:
-        raise
-    except Exception as e:  # datasets wraps parse errors in several exception types
-        raise UsageError(f"{flag} {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return list(ds)
-
-
-def load_prompts(path, split="train", flag="--prompts"):
-    """Non-empty prompt strings from a dataset with a `prompt` column."""
-    rows = load_rows(path, split, flag)
-    if not rows:
-        raise UsageError(f"{flag} {path}: no rows")
-    if "prompt" not in rows[0]:
-        raise UsageError(f"{flag} {path}: no 'prompt' column (columns: {', '.join(rows[0])})")
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise UsageError(f"{flag} {path} row {i}: 'prompt' is missing or empty")
-    return [row["prompt"] for row in rows]
-
-
-def load_pretrained(name, flag="--policy", causal_lm=True):
-    """Any Hugging Face causal LM (local folder or hub name), with its tokenizer and dropout off (§5.4);
-    causal_lm=False gives the headless backbone (AutoModel) that value models sit on."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    if not os.path.isdir(name) and world.looks_local(name):
-        raise UsageError(f"{flag} {name}: no such folder")
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(name)
-    except (OSError, ValueError) as e:
-        where = "the folder" if os.path.isdir(name) else "no such folder, and the hub"
-        raise UsageError(f"{flag} {name}: {where} gave no model ({str(e).splitlines()[0][:160]})") from None
-    if tok.eos_token_id is None:
-        raise UsageError(f"{flag} {name}: the tokenizer has no EOS token")
-    return disable_dropout(model), tok
-
-
-def disable_dropout(model):
-    """§5.4: dropout off everywhere, including attention-probability dropout stored as a float."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for name in ("attention_dropout", "attn_dropout", "dropout"):
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-    return model
+import data
+from world import UsageError
 
 
 # ---------------------------------------------------------------------------------------------- masked statistics
@@ -167,42 +93,108 @@ def truncate_after_eos(response_ids, eos_id, pad_id):
 
 
 @torch.no_grad()
-def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
-    """Sample one response per prompt with a KV cache (transformers generate); §5.1–5.2."""
+def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, chunk=0, top_k=0, top_p=1.0):
+    """Sample one response per prompt with a KV cache (transformers generate), `chunk` prompts per call (0:
+    all at once); §5.1–5.2. `ids` are the prompts' token ids (data.prompt_ids) when already computed."""
     device = next(policy.parameters()).device
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    enc = tok(prompts, padding=True, return_tensors="pt", padding_side="left").to(device)
+    pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+    ids = ids if ids is not None else [data.prompt_ids(tok, p) for p in prompts]
+    B, P = len(ids), max(len(p) for p in ids)
+    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    for b, p in enumerate(ids):  # §5.1: left padding
+        prompt_ids[b, P - len(p):] = torch.tensor(p)
+        prompt_mask[b, P - len(p):] = 1
     was_training = policy.training
     policy.eval()
-    out = policy.generate(**enc, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                          max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tok.eos_token_id)
+    outs = []
+    for i in range(0, B, chunk or B):
+        out = policy.generate(input_ids=prompt_ids[i:i + (chunk or B)].to(device),
+                              attention_mask=prompt_mask[i:i + (chunk or B)].to(device), do_sample=True,
+                              temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                              pad_token_id=pad_id, eos_token_id=eos_id,
+                              suppress_tokens=[pad_id] if tok.pad_token == data.PAD_TOKEN else None)
+        outs.append(out[:, P:])
     policy.train(was_training)
-    P = enc.input_ids.shape[1]
-    response, mask, ended = truncate_after_eos(out[:, P:], tok.eos_token_id, pad_id)
-    input_ids = torch.cat([enc.input_ids, response], 1)
-    attention_mask = torch.cat([enc.attention_mask, mask.long()], 1)
+    R = max(o.shape[1] for o in outs)
+    response = torch.cat([F.pad(o, (0, R - o.shape[1]), value=pad_id) for o in outs])
+    response, mask, ended = truncate_after_eos(response, eos_id, pad_id)
+    input_ids = torch.cat([prompt_ids.to(device), response], 1)
+    attention_mask = torch.cat([prompt_mask.to(device), mask.long()], 1)
     texts = tok.batch_decode(response * mask.long() + pad_id * (1 - mask.long()), skip_special_tokens=True)
     return Rollout(input_ids, attention_mask, mask, P, ended, list(prompts), [t.strip() for t in texts])
 
 
 def logits_at_responses(model, rollout):
-    """Logits predicting each response token: positions P-1 .. P+R-2. Position ids come from the mask."""
+    """Logits predicting each response token: positions P-1 .. P+R-2, in the model's (or autocast's) dtype.
+    Position ids come from the mask (§5.1); the LM head runs on the last R+1 positions only."""
+    R = rollout.response_mask.shape[1]
     position_ids = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                   position_ids=position_ids).logits
-    return logits[:, rollout.prompt_len - 1:-1]
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids,
+                   use_cache=False, logits_to_keep=R + 1).logits
+    return logits[:, -(R + 1):-1]
 
 
-def response_logprobs(model, rollout, temperature=1.0, with_entropy=False):
+class ChunkedLogprobEntropy(torch.autograd.Function):
+    """log p(y) and entropy of softmax(logits / temperature) over rows of [N, V] logits, in fp32, `chunk` rows
+    at a time in forward and backward: only the logits, in their own dtype, are kept for backward, never an
+    fp32 [N, V] tensor. Backward: d log p(y)/dz = (onehot(y) - p) / temperature and
+    dH/dz = -p (log p + H) / temperature."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, chunk):
+        logp, ent = [], []
+        for s in range(0, len(logits), chunk):
+            lp = F.log_softmax(logits[s:s + chunk].float() / temperature, -1)
+            logp.append(lp.gather(-1, ids[s:s + chunk, None]).squeeze(-1))
+            ent.append(-(lp.exp() * lp).sum(-1))
+        ctx.save_for_backward(logits, ids)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return torch.cat(logp), torch.cat(ent)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, ids = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, len(logits), ctx.chunk):
+            lp = F.log_softmax(logits[s:s + ctx.chunk].float() / ctx.temperature, -1)
+            p = lp.exp()
+            H = -(p * lp).sum(-1, keepdim=True)
+            gl, ge = g_logp[s:s + ctx.chunk, None], g_ent[s:s + ctx.chunk, None]
+            g = -p * (gl + ge * (lp + H))
+            g.scatter_add_(-1, ids[s:s + ctx.chunk, None], gl)
+            grad[s:s + ctx.chunk] = (g / ctx.temperature).to(grad.dtype)
+        return grad, None, None, None
+
+
+def response_logprobs(model, rollout, temperature=1.0, with_entropy=False, chunk=0):
     """log pi(y_t | s_t) of the sampled tokens at the sampling temperature (§5.3), [B, R]; masked entries are
-    0. With with_entropy, also the per-token entropy of the tempered distribution."""
-    logits = logits_at_responses(model, rollout).float() / temperature
-    logp_all = F.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * rollout.response_mask
+    0. With with_entropy, also the per-token entropy of the tempered distribution. chunk > 0 computes both
+    `chunk` token positions at a time (ChunkedLogprobEntropy), so fp32 [B, R, vocab] tensors never exist."""
+    logits = logits_at_responses(model, rollout)
+    mask = rollout.response_mask
+    if chunk:
+        B, R, V = logits.shape
+        logp, entropy = ChunkedLogprobEntropy.apply(logits.reshape(B * R, V), rollout.response_ids.reshape(-1),
+                                                    temperature, chunk)
+        logp, entropy = logp.view(B, R) * mask, entropy.view(B, R) * mask
+        return (logp, entropy) if with_entropy else logp
+    logp_all = F.log_softmax(logits.float() / temperature, -1)
+    logp = logp_all.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * mask
     if not with_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1) * rollout.response_mask
+    with torch.no_grad():  # logged, not optimised: keep no graph for it
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
     return logp, entropy
+
+
+@torch.no_grad()
+def in_chunks(fn, r, chunk):
+    """fn(r) for a rollout, computed `chunk` rows at a time (0: all at once) and concatenated: the no-grad
+    forward passes' memory is bounded by --forward-batch-size, not --batch-size."""
+    if not chunk or chunk >= len(r.prompts):
+        return fn(r)
+    return torch.cat([fn(r.index(idx)) for idx in torch.arange(len(r.prompts)).split(chunk)])
 
 
 def response_state_values(value_model, rollout):
@@ -293,74 +285,55 @@ class Probe:
         return out
 
 
-# ---------------------------------------------------------------------------------------------- the RL loop
-@dataclass
-class RLArgs:
-    """Flags shared by dvpo.py and ppo_baseline.py, with the same meaning and defaults in both."""
-    policy: str = arg(world.SFT_DIR, "initial policy: a local folder or hub name of a causal LM; the default is the world's SFT policy")
-    ref: str = arg("", "reference policy for the KL penalty; empty: the initial policy")
-    prompts: str = arg(world.PROMPTS_TRAIN, "RL prompts, a dataset with a 'prompt' column; the default is the world's RL-train prompts")
-    eval_prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts for the periodic gold evaluation; empty: none")
-    split: str = arg("train", "split to read when a data or prompts path is a hub dataset")
-    out: str = arg("ckpt/rl", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
-    lam: float = arg(0.95, "GAE lambda")
-    gamma: float = arg(1.0, "discount")
-    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive")
-    adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
-    target_kl: float = arg(6.0, "adaptive KL target, nats per sequence")
-    kl_horizon: int = arg(10000, "adaptive KL horizon, in samples")
-    steps: int = arg(100, "RL steps (one batch of prompts each)")
-    batch_size: int = arg(64, "prompts per step, one response each")
-    minibatch_size: int = arg(16, "responses per PPO minibatch; must divide --batch-size")
-    ppo_epochs: int = arg(4, "PPO epochs over each batch")
-    cliprange: float = arg(0.2, "PPO ratio clip epsilon")
-    lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)")
-    max_grad_norm: float = arg(1.0, "gradient-norm clip")
-    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)")
-    max_new_tokens: int = arg(48, "sampling budget per response")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)")
-    eval_every: int = arg(25, "steps between held-out gold evaluations (and one at the start and the end)")
-    eval_n: int = arg(200, "held-out prompts per periodic evaluation")
-    table_every: int = arg(50, "steps between printed tables of prompt, response, gold and the critic's score")
-    seed: int = arg(0, "seed for python, numpy and torch")
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+# ---------------------------------------------------------------------------------------------- precision
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def validate_rl(args):
-    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "eval_every",
-                 "eval_n", "table_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.batch_size % args.minibatch_size:
-        raise UsageError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
-    if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1 and args.temperature > 0 and args.kl_coef >= 0):
-        raise UsageError("--lam must lie in [0, 1], --gamma in (0, 1], --temperature above 0, --kl-coef at least 0")
+class Precision:
+    """--dtype. fp32: every model in fp32. bf16 / fp16: frozen models are stored in that dtype (2 bytes a
+    parameter, not 4); trained models keep fp32 master weights and AdamW state (16 bytes a parameter) and
+    run forward and backward under autocast; fp16 also scales the loss against gradient underflow. One
+    Precision per optimizer, since each loss scale follows its own gradients."""
+
+    def __init__(self, name, device):
+        if name not in DTYPES:
+            raise UsageError(f"--dtype {name}: choose one of {', '.join(DTYPES)}")
+        self.name, self.dtype, self.device = name, DTYPES[name], torch.device(device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def step(self, opt, params, max_norm):
+        """Unscale, clip to max_norm, step (skipped by the scaler on inf/NaN gradients); the norm before clipping."""
+        self.scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.scaler.step(opt)
+        self.scaler.update()
+        return norm
 
 
-def load_rl_models(args, device):
-    """Policy (trained) and reference (frozen) with one tokenizer; the prompt sets."""
-    if world.SFT_DIR in (args.policy, args.ref) or args.prompts == world.PROMPTS_TRAIN or \
-            args.eval_prompts == world.PROMPTS_EVAL:
-        world.ensure_world()
-    prompts = load_prompts(args.prompts, args.split, "--prompts")
-    eval_prompts = load_prompts(args.eval_prompts, args.split, "--eval-prompts")[:args.eval_n] if args.eval_prompts else []
-    policy, tok = load_pretrained(args.policy, "--policy")
-    ref, ref_tok = load_pretrained(args.ref or args.policy, "--ref" if args.ref else "--policy")
-    ref.requires_grad_(False).eval()
-    if world.tokenizer_fingerprint(ref_tok) != world.tokenizer_fingerprint(tok):
-        raise UsageError(f"--ref {args.ref}: its tokenizer differs from --policy {args.policy}'s")
-    return policy.to(device).train(), ref.to(device), tok, prompts, eval_prompts
+def micro_batches(n, size):
+    """Index tensors splitting n rows into micro-batches of `size` (0: one batch)."""
+    return torch.arange(n).split(size or n)
 
 
-def ppo_loss(new_logp, old_logp, adv, mask, cliprange):
-    """Clipped surrogate: mean over response tokens of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))."""
+# ---------------------------------------------------------------------------------------------- the PPO update
+def ppo_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
+    """Clipped surrogate: sum over response tokens of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) / n.
+    n defaults to the token count (the mean); a micro-batch passes its minibatch's count (accumulation)."""
+    n = mask.sum().clamp(min=1) if n is None else n
     ratio = torch.exp(new_logp - old_logp)
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
-    stats = {"policy/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask),
-             "policy/approxkl": 0.5 * masked_mean((new_logp - old_logp) ** 2, mask),
-             "val/ratio": masked_mean(ratio, mask),
-             "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
-    return masked_mean(loss, mask), stats
+    with torch.no_grad():  # statistics keep no graph (and save no tensors the memory probe would count)
+        stats = {"policy/clipfrac": (((ratio - 1).abs() > cliprange).float() * mask).sum() / n,
+                 "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
+                 "val/ratio": (ratio * mask).sum() / n,
+                 "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
+    return (loss * mask).sum() / n, stats
 
 
 def minibatches(batch_size, minibatch_size, epochs, generator):
@@ -369,149 +342,54 @@ def minibatches(batch_size, minibatch_size, epochs, generator):
 
 
 @torch.no_grad()
-def old_logprobs(policy, r, plan, temperature):
-    """Log-probs of the sampled tokens before the update, computed on exactly the minibatches of the first
-    epoch, so the first minibatch's ratio is exactly 1 (§5.4), whatever the kernels do with batch shape."""
+def old_logprobs(policy, r, plan, args, prec):
+    """Log-probs of the sampled tokens before the update, computed on exactly the micro-batches of the first
+    epoch's minibatches, so the first minibatch's ratio is exactly 1 (§5.4), whatever kernels do with shape."""
     out = torch.zeros_like(r.response_mask)
     for idx in plan:
-        out[idx] = response_logprobs(policy, r.index(idx), temperature)
+        for micro in idx.split(args.micro_batch_size or len(idx)):
+            with prec.autocast():
+                out[micro] = response_logprobs(policy, r.index(micro), args.temperature, chunk=args.logprob_chunk)
     return out
 
 
-def policy_step(policy, opt, mb, old_logp, adv, args):
-    """One clipped policy-gradient step on a minibatch; its statistics as floats."""
-    new_logp, entropy = response_logprobs(policy, mb, args.temperature, with_entropy=True)
-    loss, s = ppo_loss(new_logp, old_logp, adv, mb.response_mask, args.cliprange)
+def accumulate(total, stats):
+    """Sum per-micro-batch statistics (each already over the minibatch's count); maxima stay maxima."""
+    for k, v in stats.items():
+        v = v.detach()
+        total[k] = v if k not in total else torch.max(total[k], v) if k.endswith("_max_dev") else total[k] + v
+
+
+def policy_step(policy, opt, prec, mb, old_logp, adv, args):
+    """One clipped policy-gradient step on a minibatch, accumulated over micro-batches of
+    --micro-batch-size: each one's loss is its token sum over the minibatch's token count, so the gradient
+    is the whole minibatch's. Its statistics as floats."""
+    n = mb.response_mask.sum().clamp(min=1)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-    opt.step()
-    s.update({"loss/policy": loss, "policy/entropy": masked_mean(entropy, mb.response_mask),
-              "policy/grad_norm": grad_norm})
-    return {k: float(v.detach()) for k, v in s.items()}
+    total = {}
+    for idx in micro_batches(len(mb.prompts), args.micro_batch_size):
+        micro = mb.index(idx)
+        with prec.autocast():
+            new_logp, entropy = response_logprobs(policy, micro, args.temperature, with_entropy=True,
+                                                  chunk=args.logprob_chunk)
+        loss, s = ppo_loss(new_logp, old_logp[idx], adv[idx], micro.response_mask, args.cliprange, n)
+        prec.backward(loss)
+        accumulate(total, {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * micro.response_mask).sum() / n})
+    total["policy/grad_norm"] = prec.step(opt, policy.parameters(), args.max_grad_norm)
+    return {k: float(v) for k, v in total.items()}
 
 
-def ppo_update(policy, opt, r, old_logp, adv, plans, args, extra_step=None):
+def ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, extra_step=None):
     """--ppo-epochs of minibatch steps: the policy's, then extra_step(idx, mb) (PPO's critic) on the same
     minibatch. The mean of each statistic, and the largest |ratio - 1| of the very first minibatch."""
     stats = []
     for epoch_plan in plans:
         for idx in epoch_plan:
             mb = r.index(idx)
-            s = policy_step(policy, opt, mb, old_logp[idx], adv[idx], args)
+            s = policy_step(policy, opt, prec, mb, old_logp[idx], adv[idx], args)
             if extra_step is not None:
                 s.update(extra_step(idx, mb))
             stats.append(s)
     out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
     out["val/ratio_first_max_dev"] = stats[0]["val/ratio_max_dev"]
     return out
-
-
-class AdaptiveKL:
-    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
-
-    def __init__(self, beta, target, horizon):
-        self.beta, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl, n):
-        err = max(-0.2, min(0.2, kl / self.target - 1))
-        self.beta *= 1 + err * n / self.horizon
-
-
-def prompt_stream(prompts, seed):
-    """Endless epoch-shuffled prompts."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(prompts)))
-        rng.shuffle(order)
-        yield from (prompts[i] for i in order)
-
-
-def held_out_eval(policy, ref, tok, prompts, args, seed):
-    """Gold reward and KL on held-out prompts, sampled with a fixed seed that leaves training's RNG alone."""
-    import evaluate
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    s = evaluate.score_policy(policy, ref, tok, prompts, 250, args.max_new_tokens, args.temperature)
-    torch.set_rng_state(cpu_state)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state_all(cuda_state)
-    gold, ci = evaluate.mean_ci(s["gold"])
-    return {"eval/gold": gold, "eval/gold_ci95": ci, "eval/kl": sum(s["kl"]) / len(s["kl"]),
-            "eval/eos_rate": sum(s["ended"]) / len(s["ended"]), "eval/length": sum(s["length"]) / len(s["length"])}
-
-
-def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device):
-    """The loop DVPO and PPO share: sample prompts -> generate -> old and reference log-probs -> KL-penalty
-    rewards -> algo.advantages -> PPO epochs (the policy's clipped step, then algo.minibatch_step if any) ->
-    log -> periodic held-out gold evaluation -> save. `algo` holds what differs between the two methods:
-    its critic, `advantages(r, rewards) -> [B, R]`, `score` (the critic's V(s_T) or RM score, [B]), `name`,
-    `describe` (for the first printed line), `score_name`, `models` and `optimizers` (for the memory tally), and optionally `minibatch_step`."""
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
-    frozen = {id(p) for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad}
-    assert not frozen & {id(p) for o in (opt, *algo.optimizers) for g in o.param_groups for p in g["params"]}
-    kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
-    probe = Probe(device, models=(policy, ref, *algo.models), optimizers=(opt, *algo.optimizers))
-    stream = prompt_stream(prompts, args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    print(f"{algo.name}: {algo.describe}, lam={args.lam} beta={args.kl_coef}{' (adaptive)' if args.adaptive_kl else ''}, "
-          f"{args.steps} steps of {args.batch_size} prompts on {device}, {len(prompts)} prompts", flush=True)
-    t0 = time.time()
-    with world.atomic_dir(args.out) as tmp:
-        log = world.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
-        ev = {}
-        for step in tqdm(range(args.steps + 1), desc=algo.name, leave=False, disable=None):
-            if eval_prompts and (step % args.eval_every == 0 or step == args.steps):
-                ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000)
-                log.write(step, ev)
-                tqdm.write(f"eval step {step} | held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f} | "
-                           f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f}")
-            if step == args.steps:
-                break
-            batch_prompts = [next(stream) for _ in range(args.batch_size)]
-            with probe.phase("generate"):
-                r = generate(policy, tok, batch_prompts, args.max_new_tokens, args.temperature)
-            with probe.phase("score"):
-                plans = minibatches(args.batch_size, args.minibatch_size, args.ppo_epochs, gen)
-                old_logp = old_logprobs(policy, r, plans[0], args.temperature)
-                with torch.no_grad():
-                    ref_logp = response_logprobs(ref, r, args.temperature)
-                kl = kl_k1(old_logp, ref_logp) * r.response_mask
-                rewards = -kl_ctl.beta * kl
-                T = r.response_mask.sum(1).long()
-                if args.missing_eos_penalty:
-                    rewards[torch.arange(len(T)), T - 1] -= args.missing_eos_penalty * (~r.ended).float()
-                adv = masked_whiten(algo.advantages(r, rewards), r.response_mask)
-            with probe.phase("update"):
-                stats = ppo_update(policy, opt, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None))
-            gold = world.gold_scores(r.texts)
-            seq_kl = kl.sum(1).mean().item()
-            m = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.beta, "objective/gold": sum(gold) / len(gold),
-                 f"objective/{algo.score_name}": algo.score.mean().item(),
-                 "objective/kl_k3": (kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
-                 "objective/length": T.float().mean().item(), "objective/eos_rate": r.ended.float().mean().item(),
-                 **stats, **probe.pop(), "time/elapsed": time.time() - t0}
-            log.write(step + 1, m)
-            if args.adaptive_kl:
-                kl_ctl.update(seq_kl, args.batch_size)
-            tqdm.write(f"step {step + 1}/{args.steps} | gold {m['objective/gold']:+.3f} | kl {seq_kl:.2f} | "
-                       f"{algo.score_name} {m[f'objective/{algo.score_name}']:+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "
-                       f"ent {m['policy/entropy']:.2f} | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s "
-                       f"update {m['time/update']:.2f}s")
-            if (step + 1) % args.table_every == 0:
-                tqdm.write(f"| prompt | response | gold | {algo.score_name} |\n| --- | --- | --- | --- |")
-                for i in range(4):
-                    tqdm.write(f"| {r.prompts[i]} | {r.texts[i]} | {gold[i]:+.3f} | {algo.score[i].item():+.3f} |")
-        log.close()
-        policy.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        summary = {**ev, "train/steps": args.steps, "time/wall_seconds": time.time() - t0,
-                   "params/trained": sum(p.numel() for m in (policy, *algo.models) for p in m.parameters() if p.requires_grad),
-                   "params/frozen": sum(p.numel() for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad),
-                   "device": str(device), "args": asdict(args)}
-        with open(os.path.join(tmp, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    print(f"saved {args.out}" + (f": held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f}, "
-                                 f"KL {ev['eval/kl']:.2f}" if ev else "") + f", {summary['time/wall_seconds']:.0f}s", flush=True)
-    return summary

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/datasets imp
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import hashlib
+import itertools
 import json
 import random
 import subprocess
@@ -16,8 +17,10 @@ import sys
 import pytest
 import torch
 
+import data
 import dvpo
 import gvm
+import loop
 import ppo_baseline
 import rollout
 import world
@@ -150,7 +153,7 @@ def test_gae_matches_loop_reference():
 
 # ---------------------------------------------------------------------------------------------- value model
 def batch_for(tok, pairs, max_len=64):
-    samples = gvm.pair_samples([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs], tok, max_len, "test")
+    samples = gvm.pair_samples(pairs, tok, max_len, "test")
     return samples, gvm.collate(samples, tok.pad_token_id)
 
 
@@ -163,7 +166,7 @@ def test_head_is_zero_at_init_and_dropout_is_off(tiny_backbone):
     model = gvm.ValueModel(backbone)
     _, batch = batch_for(tok, PAIRS)
     assert torch.count_nonzero(gvm.state_values(model, batch)) == 0
-    gpt2 = rollout.disable_dropout(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))))
+    gpt2 = data.disable_dropout(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))))
     m2 = gvm.ValueModel(gpt2)
     torch.nn.init.normal_(m2.head.weight)
     m2.train()
@@ -177,7 +180,7 @@ def test_values_do_not_depend_on_padding(tiny_backbone, arch):
     from transformers import GPT2Config, GPT2Model
     backbone, tok = gvm.load_backbone(tiny_backbone)
     if arch == "gpt2":
-        backbone = rollout.disable_dropout(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))))
+        backbone = data.disable_dropout(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))))
     model = gvm.ValueModel(backbone)
     torch.nn.init.normal_(model.head.weight)
     samples, batch = batch_for(tok, PAIRS)
@@ -279,7 +282,7 @@ def test_first_use_builds_world_and_trains_a_gvm_above_chance(default_world):
     assert any("loss/value" in m for m in metrics)
     model, tok, meta = gvm.load_value_model(str(out))
     assert meta["kind"] == "gvm" and meta["lam"] == 0.95
-    samples = gvm.pair_samples(rollout.load_rows(str(cwd / world.PAIRS_EVAL)), tok, 512, "eval")
+    samples = gvm.pair_samples(data.load_pairs(str(cwd / world.PAIRS_EVAL), "train", "--data"), tok, 512, "eval")
     again = gvm.pairwise_accuracy(model, samples, tok.pad_token_id, "cpu")
     assert again["eval/pairwise_acc_final"] == pytest.approx(summary["eval/pairwise_acc_final"], abs=1e-6)
 
@@ -296,12 +299,13 @@ def bad_input_cases(tmp_path, sft):
     return [
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
         (["--data", str(malformed)], "malformed.jsonl: cannot read it"),
-        (["--data", write_jsonl(tmp_path / "nochosen.jsonl", [good, {"prompt": "i", "rejected": "bad ."}])],
-         "nochosen.jsonl row 2: 'chosen' is missing"),
-        (["--data", write_jsonl(tmp_path / "empty.jsonl", [good, {**good, "rejected": "  "}])],
-         "empty.jsonl row 2: 'rejected' is an empty response"),
-        (["--data", write_jsonl(tmp_path / "nocol.jsonl", [{"question": "x", "chosen": "a", "rejected": "b"}])],
-         "no 'prompt' column"),
+        (["--strict", "--data", write_jsonl(tmp_path / "nochosen.jsonl", [good, {"prompt": "i", "rejected": "bad ."}])],
+         "nochosen.jsonl: 1 bad rows (--strict): row 2: 'chosen' is missing or empty"),
+        (["--strict", "--data", write_jsonl(tmp_path / "empty.jsonl", [good, {**good, "rejected": "  "}])],
+         "empty.jsonl: 1 bad rows (--strict): row 2: 'rejected' is missing or empty"),
+        (["--data", write_jsonl(tmp_path / "allbad.jsonl", [{**good, "chosen": ""}])], "allbad.jsonl: no usable rows"),
+        (["--data", write_jsonl(tmp_path / "nocol.jsonl", [{"question": "x", "answer": "a"}])],
+         "nocol.jsonl: needs columns chosen/rejected"),
         (["--model", str(tmp_path / "no_model")], "--model"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--lam", "1.5"], "--lam"),
@@ -438,7 +442,7 @@ def test_truncation_after_first_eos():
 
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_world):
-    return rollout.load_pretrained(str(tiny_world / "sft"))
+    return data.load_pretrained(str(tiny_world / "sft"))
 
 
 def test_generation_and_logprobs_at_temperature(tiny_policy):
@@ -472,15 +476,16 @@ def test_ppo_ratio_is_exactly_one_on_the_first_minibatch(tiny_policy):
                         attn_pdrop=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)
     torch.manual_seed(1)
-    policy = rollout.disable_dropout(GPT2LMHeadModel(config)).train()
+    policy = data.disable_dropout(GPT2LMHeadModel(config)).train()
     r = rollout.generate(policy, tok, ["the plot was", "i", "overall ,", "the acting"] * 4, max_new_tokens=12,
                          temperature=0.7)
     plans = rollout.minibatches(16, 4, 2, torch.Generator().manual_seed(0))
-    old = rollout.old_logprobs(policy, r, plans[0], 0.7)
-    adv = rollout.masked_whiten(torch.randn_like(old), r.response_mask)
     args = dvpo.Args(cliprange=0.2, max_grad_norm=1.0, temperature=0.7)
+    prec = rollout.Precision("fp32", "cpu")
+    old = rollout.old_logprobs(policy, r, plans[0], args, prec)
+    adv = rollout.masked_whiten(torch.randn_like(old), r.response_mask)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    stats = rollout.ppo_update(policy, opt, r, old, adv, plans, args)
+    stats = rollout.ppo_update(policy, opt, prec, r, old, adv, plans, args)
     assert stats["val/ratio_first_max_dev"] == 0.0
     assert stats["val/ratio"] != 1.0  # later minibatches see an updated policy
 
@@ -623,7 +628,7 @@ def test_clipped_value_loss_by_hand():
 
 def test_critic_starts_equal_to_the_reward_model_and_trains_alone(tiny_gvm):
     rm, _, _ = gvm.load_value_model(str(tiny_gvm))
-    critic = ppo_baseline.LearnedCritic(ppo_baseline.Args(), rm)
+    critic = ppo_baseline.LearnedCritic(ppo_baseline.Args(), rm, gvm.load_value_model(str(tiny_gvm))[0], "cpu")
     a, b = critic.critic.state_dict(), rm.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(p.requires_grad for p in critic.critic.parameters()) and not any(p.requires_grad for p in rm.parameters())
@@ -678,3 +683,390 @@ def test_compare_runs_both_methods_and_reports_every_phase_and_ratio(tmp_path):
     assert d["states_analytic"] / p["states_analytic"] == pytest.approx(0.6, abs=0.01)  # 24 / 40 bytes per parameter
     assert "DVPO/PPO" in proc.stdout and "| update |" in proc.stdout and "reward model" in proc.stdout
     assert {"gvm", "rm"} <= set(res["value_models"])
+
+
+# ---------------------------------------------------------------------------------------------- data shapes
+def test_the_three_preference_shapes_normalise_to_the_same_pair():
+    conv = [{"role": "user", "content": "rate the film"}]
+    assert data.normalise_pair({"prompt": "rate the film", "chosen": "good .", "rejected": "bad ."}) == \
+        ("rate the film", "good .", "bad .")
+    ultra = {"prompt": "rate the film", "chosen": conv + [{"role": "assistant", "content": "good ."}],
+             "rejected": conv + [{"role": "assistant", "content": "bad ."}]}
+    assert data.normalise_pair(ultra) == (conv, "good .", "bad .")
+    trl = {"prompt": conv, "chosen": [{"role": "assistant", "content": "good ."}],
+           "rejected": [{"role": "assistant", "content": "bad ."}]}
+    assert data.normalise_pair(trl) == (conv, "good .", "bad .")
+    hh = {"chosen": "\n\nHuman: rate the film\n\nAssistant: it was good .",
+          "rejected": "\n\nHuman: rate the film\n\nAssistant: it was bad ."}
+    # the common prefix ends inside "it was "; the cut goes back to the last "Assistant:"
+    assert data.normalise_pair(hh) == ("\n\nHuman: rate the film\n\nAssistant:", " it was good .", " it was bad .")
+    assert data.split_common_prefix("the plot was good", "the plot was great") == ("the plot was", " good", " great")
+    assert data.normalise_prompt(ultra) == conv and data.normalise_prompt({"prompt": "x"}) == "x"
+    assert data.normalise_prompt({"messages": conv + [{"role": "assistant", "content": "ok"}]}) == conv
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "'chosen' is missing or empty"),
+    ({"prompt": "p", "chosen": None, "rejected": "b"}, "'chosen' is missing or empty"),
+    ({"chosen": [{"role": "user", "content": "hi"}], "rejected": [{"role": "user", "content": "hi"}]},
+     "'chosen' has no assistant turn at its end"),
+    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+      "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}, "different conversations"),
+    ({"chosen": "same", "rejected": "same and more"}, "share no prompt prefix"),
+])
+def test_bad_rows_are_named(row, reason):
+    with pytest.raises(data.BadRow, match=reason):
+        data.normalise_pair(row)
+
+
+def test_bad_rows_are_reported_by_number_and_skipped_or_stop_under_strict(tmp_path, capsys):
+    good = {"prompt": "the plot was", "chosen": "good .", "rejected": "bad ."}
+    path = write_jsonl(tmp_path / "p.jsonl", [good, {**good, "chosen": " "}, good, {**good, "rejected": None}])
+    pairs = data.load_pairs(path, "train", "--data")
+    assert pairs == [("the plot was", "good .", "bad .")] * 2
+    out = capsys.readouterr().out
+    assert "skipped 2 of 4 rows" in out and "row 2: 'chosen'" in out and "row 4: 'rejected'" in out
+    with pytest.raises(world.UsageError, match=r"p.jsonl: 2 bad rows \(--strict\): row 2"):
+        data.load_pairs(path, "train", "--data", strict=True)
+
+
+def test_long_prompts_are_dropped_with_a_count(tiny_policy, tmp_path, capsys):
+    _, tok = tiny_policy
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the plot was"}, {"prompt": "the plot was very very good"}])
+    kept = data.load_prompts(path, "train", "--prompts", tok, max_prompt_len=4)
+    assert [p for p, _ in kept] == ["the plot was"] and kept[0][1] == tok("the plot was")["input_ids"]
+    assert "dropped 1 of 2 rows whose prompt exceeds --max-prompt-len 4" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- memory knobs
+def test_chunked_logprobs_and_entropy_match_autograd_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (7,))
+    g1, g2 = torch.randn(7), torch.randn(7)
+    lp, ent = rollout.ChunkedLogprobEntropy.apply(logits, ids, 0.7, 3)
+    ref_all = torch.log_softmax(logits / 0.7, -1)
+    ref_lp, ref_ent = ref_all.gather(-1, ids[:, None]).squeeze(-1), -(ref_all.exp() * ref_all).sum(-1)
+    assert torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
+    grad, = torch.autograd.grad((lp * g1 + ent * g2).sum(), logits)
+    ref_grad, = torch.autograd.grad((ref_lp * g1 + ref_ent * g2).sum(), logits)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_chunked_logprobs_equal_the_plain_path_on_a_rollout(tiny_policy):
+    policy, tok = tiny_policy
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the plot was", "i"], max_new_tokens=10)
+    plain = rollout.response_logprobs(policy, r, 0.8, with_entropy=True)
+    chunked = rollout.response_logprobs(policy, r, 0.8, with_entropy=True, chunk=3)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, chunked))
+
+
+def accumulation_setup(tiny_policy, seed=0):
+    policy, tok = tiny_policy
+    torch.manual_seed(seed)
+    r = rollout.generate(policy, tok, ["the plot was", "i", "overall ,", "the acting"] * 2, max_new_tokens=12)
+    adv = rollout.masked_whiten(torch.randn_like(r.response_mask), r.response_mask)
+    return r, adv
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_policy, chunk):
+    import copy
+    r, adv = accumulation_setup(tiny_policy)
+    grads, stats = [], []
+    for micro in (0, 2, 1):
+        policy = copy.deepcopy(tiny_policy[0]).train()
+        args = dvpo.Args(micro_batch_size=micro, logprob_chunk=chunk, max_grad_norm=1e9)
+        prec = rollout.Precision("fp32", "cpu")
+        old = rollout.old_logprobs(policy, r, [torch.arange(8)], args, prec) - 0.1 * r.response_mask  # ratio != 1
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        stats.append(rollout.policy_step(policy, opt, prec, r, old, adv, args))
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    for g, s in zip(grads[1:], stats[1:]):
+        assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
+        assert s == pytest.approx(stats[0], rel=1e-4, abs=1e-6)
+
+
+def test_gvm_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_backbone):
+    import copy
+    backbone, tok = gvm.load_backbone(tiny_backbone)
+    torch.manual_seed(0)
+    model = gvm.ValueModel(backbone)
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    samples = gvm.pair_samples(PAIRS * 2, tok, 64, "test")
+    for objective in (gvm.TDObjective(gvm.Args()), ppo_baseline.BradleyTerry()):
+        grads = []
+        for micro in (0, 2):
+            m = copy.deepcopy(model)
+            opt = torch.optim.SGD(m.parameters(), lr=0.0)
+            gvm.train_step(m, samples, objective, opt, rollout.Precision("fp32", "cpu"), tok.pad_token_id, "cpu", micro)
+            grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+        assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_keeps_trained_weights_in_fp32_and_frozen_ones_in_bf16(tiny_world, tiny_gvm, tmp_path, monkeypatch):
+    seen = {}
+    real_train = loop.rl_train
+
+    def spy(args, algo, policy, ref, *rest):
+        seen.update(policy=policy.dtype, ref=ref.dtype, gvm=next(algo.value_model.parameters()).dtype)
+        return real_train(args, algo, policy, ref, *rest)
+
+    monkeypatch.setattr(loop, "rl_train", spy)
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", "--dtype", "bf16", "--micro-batch-size", "2",
+                             "--logprob-chunk", "8", "--gradient-checkpointing", "--forward-batch-size", "4"))
+    assert seen == {"policy": torch.float32, "ref": torch.bfloat16, "gvm": torch.bfloat16}
+    steps = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if "objective/kl" in x]
+    assert len(steps) == 3 and all(m["val/ratio_first_max_dev"] == 0.0 for m in steps)
+    assert all(torch.isfinite(torch.tensor(m["loss/policy"])) for m in steps)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def training_records(path):
+    """metrics.jsonl without what depends on the clock or the process (time/*, RSS)."""
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/") and not k.endswith("rss_bytes")}
+            for x in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("script", ["dvpo", "ppo"])
+def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, tmp_path, script):
+    def run(out, *extra):
+        argv = tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--eval-every", "2", "--save-every", "2", *extra)
+        if script == "ppo":
+            argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(rm)]
+            ppo_baseline.main(argv)
+        else:
+            dvpo.main(argv)
+
+    rm = tmp_path / "rm"
+    if script == "ppo":
+        model, tok, _ = gvm.load_value_model(str(tiny_gvm))
+        gvm.save_value_model(model, tok, str(rm), {"kind": "reward-model"})
+    run(tmp_path / "full", "--steps", "4")
+    run(tmp_path / "half", "--steps", "2")
+    assert (tmp_path / "half" / loop.STATE_FILE).exists()
+    run(tmp_path / "half", "--steps", "4", "--resume")
+    full, resumed = training_records(tmp_path / "full" / "metrics.jsonl"), training_records(tmp_path / "half" / "metrics.jsonl")
+    assert len(full) == 7 and resumed == full  # evals at 0, 2, 4 and four steps, every number equal
+
+
+def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with world.atomic_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "model"), "w").write("step 2")
+    real_rename, calls = os.rename, []
+
+    def crash_between_renames(a, b):  # the old output is moved aside, then the process dies
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", crash_between_renames)
+    with pytest.raises(KeyboardInterrupt):
+        with world.atomic_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "model"), "w").write("step 4")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not out.exists()  # mid-swap: only the backup holds step 2
+    world.restore_interrupted(str(out))
+    assert (out / "model").read_text() == "step 2" and os.listdir(tmp_path) == ["run"]
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(tiny_world, tiny_gvm, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "nothing", "--resume"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--resume: " in err and "no resumable checkpoint" in err
+
+
+# ---------------------------------------------------------------------------------------------- real model families
+# Tiny random-init GPT-2 / Llama / Qwen2 checkpoints with their own tokenizers, built here: nothing is downloaded.
+_SUBJECTS = ["the movie", "the film", "this show", "the plot", "the acting", "the ending", "the story", "the music"]
+_VERBS = ["was", "is", "felt", "seemed"]
+_ADJS = ["good", "bad", "great", "dull", "boring", "funny", "slow", "brilliant", "awful", "fine"]
+_JOINS = ["but", "and", "because", "although"]
+
+# a few hundred deterministic review-like sentences, plus some punctuation / digits / newlines
+CORPUS = [f"{s} {v} {a} {j} {s2} {v} {a2} ." for (s, v, a, j), s2, a2 in
+          zip(itertools.product(_SUBJECTS, _VERBS, _ADJS, _JOINS), itertools.cycle(reversed(_SUBJECTS)),
+              itertools.cycle(_ADJS[3:] + _ADJS[:3]))][:400]
+CORPUS += ["I liked it!\nWould watch again: 10/10.", "Not my thing, sorry?\n\nRating: 3/10."]
+
+LLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# kind -> (special tokens, PreTrainedTokenizerFast kwargs, chat template)
+_TOKENIZER_SPECS = {
+    "gpt2": (["<|endoftext|>"],
+             dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"), None),
+    "llama": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+              dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), LLAMA_TEMPLATE),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None), CHATML_TEMPLATE),
+}
+# transformers 5's AutoTokenizer always re-creates a qwen2 folder's tokenizer as Qwen2Tokenizer, rebuilt from
+# vocab+merges with this regex split + NFC; train with the same pipeline so the saved tokenizer.json is what loads.
+QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def build_hf_tokenizer(kind, vocab_size=500):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials, token_kwargs, chat_template = _TOKENIZER_SPECS[kind]
+    tok = Tokenizer(models.BPE())
+    if kind == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_REGEX), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer=trainer)  # also registers `specials` as special added tokens
+    if kind == "llama":  # prepend BOS when add_special_tokens=True, like Llama-3
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", clean_up_tokenization_spaces=False,
+                                   model_max_length=256, **token_kwargs)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_model(kind, folder, seed=0):
+    """A random-init GPT-2, Llama or Qwen2 with a byte-level BPE tokenizer that mimics the real family's special
+    tokens and chat template (GPT-2: no pad, no template; Llama-3: no pad; Qwen2.5: pad, ChatML), saved to folder."""
+    from transformers import (GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+    tok = build_hf_tokenizer(kind)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                            tie_word_embeddings=True, **ids)
+        model_cls = GPT2LMHeadModel
+    elif kind == "llama":
+        config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, **sizes, **ids)
+        model_cls = LlamaForCausalLM
+    elif kind == "qwen2":  # real Qwen has spare embedding rows beyond the tokenizer
+        config = Qwen2Config(vocab_size=-(-len(tok) // 64) * 64, tie_word_embeddings=True, **sizes, **ids)
+        model_cls = Qwen2ForCausalLM
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+FAMILIES = ("gpt2", "llama", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    for kind in FAMILIES:
+        build_tiny_model(kind, str(root / kind))
+    return root
+
+
+def pair_files(tiny_world, folder):
+    """The tiny world's pairs in the three shapes people have: strings, UltraFeedback-style message lists and
+    HH-RLHF transcripts."""
+    rows = [json.loads(x) for x in (tiny_world / "data" / "pairs_train.jsonl").read_text().splitlines()][:24]
+
+    def turns(p, a):
+        return [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+    shapes = {"strings": rows,
+              "messages": [{"prompt": r["prompt"], "chosen": turns(r["prompt"], r["chosen"]),
+                            "rejected": turns(r["prompt"], r["rejected"])} for r in rows],
+              "hh": [{"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['chosen']}",
+                      "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['rejected']}"} for r in rows]}
+    return {name: write_jsonl(folder / f"{name}.jsonl", r) for name, r in shapes.items()}
+
+
+def test_families_get_a_pad_token_that_is_not_eos_and_never_sample_it(families):
+    for kind in FAMILIES:
+        policy, tok = data.load_pretrained(str(families / kind))
+        assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id, kind
+        assert policy.get_input_embeddings().num_embeddings >= len(tok) and policy.config.pad_token_id == tok.pad_token_id
+        assert tok.pad_token == {"gpt2": data.PAD_TOKEN, "llama": data.PAD_TOKEN, "qwen2": "<|endoftext|>"}[kind]
+    policy, tok = data.load_pretrained(str(families / "gpt2"))
+    with torch.no_grad():  # make the new, untrained pad token the likeliest next token everywhere
+        policy.get_output_embeddings().weight[tok.pad_token_id] = 50 * policy.get_output_embeddings().weight.mean(0)
+        policy.lm_head.bias = None
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the movie was"] * 4, max_new_tokens=20)
+    assert not (r.response_ids[r.response_mask.bool()] == tok.pad_token_id).any()
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("shape", ["strings", "messages", "hh"])
+def test_families_round_trip_through_gvm_and_dvpo(families, tiny_world, tmp_path, kind, shape, capsys):
+    files = pair_files(tiny_world, tmp_path)
+    model = str(families / kind)
+    gvm_argv = ["--model", model, "--data", files[shape], "--eval-data", files[shape], "--out", str(tmp_path / "gvm"),
+                "--max-steps", "3", "--batch-size", "8", "--eval-every", "3"]
+    if shape == "messages" and kind == "gpt2":  # a conversation needs a chat template, which GPT-2 has not
+        with pytest.raises(SystemExit) as e:
+            gvm.main(gvm_argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "gvm").exists()
+        assert "no usable rows (row 1: is a conversation, but the tokenizer has no chat template" in err
+        return
+    gvm.main(gvm_argv)
+    meta = json.loads((tmp_path / "gvm" / gvm.META_FILE).read_text())
+    assert meta["base_model"] == model
+    # the GVM saw each prompt exactly as the RL scripts encode it (chat template, BOS, no double BOS)
+    _, tok = data.load_pretrained(model)
+    pairs = data.load_pairs(files[shape], "train", "--data")
+    samples = gvm.pair_samples(pairs, tok, 512, "test")
+    prompts = data.load_prompts(files[shape], "train", "--prompts", tok)
+    assert [s[0] for s in samples[0::2]] == [ids for _, ids in prompts]
+    first = tok.decode(prompts[0][1])
+    if shape == "messages":
+        assert first.endswith({"llama": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                               "qwen2": "<|im_start|>assistant\n"}[kind])
+        assert first.count(tok.bos_token or "<none>") <= 1
+    if shape == "hh":
+        assert first.endswith("Assistant:")
+    dvpo.main(["--gvm", str(tmp_path / "gvm"), "--policy", model, "--prompts", files[shape], "--eval-prompts",
+               files[shape], "--out", str(tmp_path / "dvpo"), "--steps", "2", "--batch-size", "4",
+               "--minibatch-size", "2", "--ppo-epochs", "1", "--eval-every", "2", "--eval-n", "4",
+               "--max-new-tokens", "8"])
+    steps = training_records(tmp_path / "dvpo" / "metrics.jsonl")
+    assert [m["step"] for m in steps if "objective/kl" in m] == [1, 2]
+    assert all(m["val/ratio_first_max_dev"] == 0.0 for m in steps if "objective/kl" in m)
+    _, saved_tok = data.load_pretrained(str(tmp_path / "dvpo"))
+    assert world.tokenizer_fingerprint(saved_tok) == meta["tokenizer_fingerprint"]
+
+
+def test_a_value_model_from_another_tokenizer_or_template_is_refused(families, tiny_world, tmp_path, capsys):
+    files = pair_files(tiny_world, tmp_path)
+    gvm.main(["--model", str(families / "gpt2"), "--data", files["strings"], "--eval-data", files["strings"],
+              "--out", str(tmp_path / "gvm"), "--max-steps", "1"])
+    model, tok = data.load_pretrained(str(families / "qwen2"))
+    tok.chat_template = tok.chat_template.replace("<|im_start|>assistant", "<|im_start|>bot")
+    model.save_pretrained(tmp_path / "qwen2-other-template")
+    tok.save_pretrained(tmp_path / "qwen2-other-template")
+    gvm.main(["--model", str(families / "qwen2"), "--data", files["messages"], "--eval-data", files["messages"],
+              "--out", str(tmp_path / "gvm-qwen2"), "--max-steps", "1"])
+    capsys.readouterr()
+    for gvm_dir, policy in ((tmp_path / "gvm", families / "llama"), (tmp_path / "gvm-qwen2", tmp_path / "qwen2-other-template")):
+        with pytest.raises(SystemExit) as e:
+            dvpo.main(["--gvm", str(gvm_dir), "--policy", str(policy), "--prompts", files["strings"],
+                       "--eval-prompts", "", "--out", str(tmp_path / "out"), "--steps", "1"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "with another tokenizer than --policy" in err, err
+        assert not (tmp_path / "out").exists()

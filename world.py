@@ -98,12 +98,45 @@ def seed_everything(seed):
         pass
 
 
+def rng_states():
+    """Every RNG a run draws from: python, numpy, torch CPU and CUDA."""
+    import numpy as np
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(s):
+    import numpy as np
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def backup_path(out):
+    return os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}-old")
+
+
+def restore_interrupted(out):
+    """A save interrupted between atomic_dir's two renames leaves the last good output at its backup path:
+    put it back (or drop the backup when the new output made it)."""
+    old = backup_path(out)
+    if os.path.isdir(old):
+        if os.path.exists(out):
+            shutil.rmtree(old)
+        else:
+            os.rename(old, out)
+
+
 @contextlib.contextmanager
 def atomic_dir(out):
     """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed, so a
-    crash or a bad input never leaves a half-written checkpoint."""
+    crash or a bad input never leaves a half-written checkpoint. The old output is renamed to a fixed backup
+    path before the new one takes its name, and restore_interrupted undoes a crash between the two."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
+    restore_interrupted(out)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}-tmp-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
@@ -111,12 +144,9 @@ def atomic_dir(out):
     try:
         yield tmp
         if os.path.exists(out):
-            old = tmp + "-old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+            os.rename(out, backup_path(out))
+        os.rename(tmp, out)
+        restore_interrupted(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -143,9 +173,9 @@ def looks_local(path):
 
 
 def tokenizer_fingerprint(tok):
-    """Hash of the vocabulary and special tokens: two checkpoints may share token ids only if this matches."""
+    """Hash of the vocabulary, special tokens and chat template: two checkpoints may share token ids only if this matches."""
     vocab = sorted(tok.get_vocab().items())
-    special = [tok.bos_token, tok.eos_token, tok.pad_token]
+    special = [tok.bos_token, tok.eos_token, tok.pad_token] + ([tok.chat_template] if tok.chat_template else [])
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,297 @@
+"""Models, tokenizers and preference data from local files or the hub, in the shapes people have, loaded the
+same way by every stage (DVPO.md §5.1).
+
+Preference rows (gvm.py --data, ppo_baseline.py --data), one of:
+  prompt / chosen / rejected as strings                      (the embedded world, TRL "standard")
+  chosen / rejected as chat message lists, prompt optional    (UltraFeedback-binarized, TRL "conversational")
+  chosen / rejected full transcripts, no prompt column        (HH-RLHF: split at the common prefix)
+Prompt rows (--prompts, --eval-prompts): a `prompt` string or message list, a `messages` conversation, or
+any preference rows above (their prompt part, so RL prompts are encoded exactly as the GVM saw them).
+
+A prompt that is a message list goes through the tokenizer's chat template with the generation prompt
+appended; a string prompt is tokenized as it is (TRL's rule). Responses are the assistant's text + EOS.
+"""
+import os
+
+import torch
+
+import world
+from world import UsageError
+
+PAD_TOKEN = "<|pad|>"  # added when a tokenizer has no pad token distinct from EOS; never sampled
+HH_ASSISTANT = "Assistant:"
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_pretrained(name, flag="--policy", causal_lm=True, dtype=torch.float32):
+    """Any Hugging Face causal LM (local folder or hub name) in `dtype`, with its tokenizer, a pad token
+    that is not EOS (§5.1) and dropout off (§5.4); causal_lm=False gives the headless backbone (AutoModel)
+    that value models sit on."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    if not os.path.isdir(name) and world.looks_local(name):
+        raise UsageError(f"{flag} {name}: no such folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        where = "the folder" if os.path.isdir(name) else "no such folder, and the hub"
+        raise UsageError(f"{flag} {name}: {where} gave no model ({str(e).splitlines()[0][:160]})") from None
+    if tok.eos_token_id is None:
+        raise UsageError(f"{flag} {name}: the tokenizer has no EOS token")
+    ensure_pad(tok, model)
+    return disable_dropout(model), tok
+
+
+def ensure_pad(tok, model):
+    """§5.1: pad != EOS, or masking padding would also mask the EOS the policy must learn to emit. A
+    tokenizer without such a pad token gets its UNK token when that differs from EOS, else a new PAD_TOKEN;
+    the embedding matrix grows only when the new id does not fit in the rows it has."""
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+            if len(tok) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return tok
+
+
+def enable_checkpointing(model):
+    """--gradient-checkpointing: recompute each layer's activations in backward (non-reentrant);
+    transformers >= 5.x names it activation checkpointing, earlier releases gradient checkpointing."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def disable_dropout(model):
+    """§5.4: dropout off everywhere, including attention-probability dropout stored as a float."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def load_rows(path, split="train", flag="--data"):
+    """Rows of a local json/jsonl/parquet/csv/arrow file, a saved dataset folder, or a hub dataset."""
+    import logging
+
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # a parse error is reported once, below, as one line
+    builders = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}
+    try:
+        if os.path.isfile(path):
+            ext = path.rsplit(".", 1)[-1].lower()
+            if ext not in builders:
+                raise UsageError(f"{flag} {path}: unsupported file type (use json, jsonl, parquet, csv or arrow)")
+            if os.path.getsize(path) == 0:
+                raise UsageError(f"{flag} {path}: the file is empty")
+            ds = datasets.load_dataset(builders[ext], data_files=path, split="train")
+        elif os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
+                                         ("dataset_info.json", "dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UsageError(f"{flag} {path}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+        elif os.path.isdir(path) or not world.looks_local(path):
+            ds = datasets.load_dataset(path, split=split)
+        else:
+            raise UsageError(f"{flag} {path}: no such file")
+    except UsageError:
+        raise
+    except Exception as e:  # datasets wraps parse errors in several exception types
+        raise UsageError(f"{flag} {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    rows = list(ds)
+    if not rows:
+        raise UsageError(f"{flag} {path}: no rows")
+    return rows
+
+
+class BadRow(Exception):
+    """One row the loader cannot use; the message says why (the caller adds the row number)."""
+
+
+def keep_good_rows(rows, normalise, where, strict):
+    """normalise(row) for every row. Rows it rejects are reported by 1-based number and skipped with a
+    count, or stop the run under --strict; never silently dropped."""
+    good, bad = [], []
+    for i, row in enumerate(rows, 1):
+        try:
+            good.append(normalise(row))
+        except BadRow as e:
+            bad.append(f"row {i}: {e}")
+    shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if not good:
+        raise UsageError(f"{where}: no usable rows ({shown})")
+    if bad and strict:
+        raise UsageError(f"{where}: {len(bad)} bad rows (--strict): {shown}")
+    if bad:
+        print(f"{where}: skipped {len(bad)} of {len(rows)} rows: {shown}", flush=True)
+    return good
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+def is_messages(x):
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
+
+
+def text_of(x, name):
+    if not isinstance(x, str) or not x.strip():
+        raise BadRow(f"'{name}' is missing or empty")
+    return x
+
+
+def split_conversation(messages, name):
+    """(the messages before the final assistant turn, that turn's text)."""
+    if messages[-1].get("role") != "assistant":
+        raise BadRow(f"'{name}' has no assistant turn at its end")
+    return messages[:-1], text_of(messages[-1].get("content"), f"{name}'s assistant turn")
+
+
+def split_common_prefix(chosen, rejected):
+    """HH-RLHF transcripts: the prompt is the common prefix, cut after its last 'Assistant:' or, if it has
+    none, at its last whitespace, so that neither response starts in the middle of a word."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    prefix = chosen[:n]
+    cut = prefix.rfind(HH_ASSISTANT)
+    cut = cut + len(HH_ASSISTANT) if cut >= 0 else max(prefix.rfind(" "), prefix.rfind("\n"), 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def normalise_pair(row):
+    """(prompt, chosen text, rejected text) from any preference-row shape; the prompt is a string or a
+    message list."""
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if is_messages(chosen) or is_messages(rejected):
+        if not (is_messages(chosen) and is_messages(rejected)):
+            raise BadRow("'chosen' and 'rejected' must both be message lists")
+        before_c, chosen = split_conversation(chosen, "chosen")
+        before_r, rejected = split_conversation(rejected, "rejected")
+        if before_c != before_r:
+            raise BadRow("'chosen' and 'rejected' continue different conversations")
+        if before_c:
+            prompt = before_c
+        elif is_messages(prompt):
+            pass
+        elif isinstance(prompt, str) and prompt.strip():
+            prompt = [{"role": "user", "content": prompt}]  # a conversational row's prompt is a user turn
+        else:
+            raise BadRow("no prompt: neither a 'prompt' column nor turns before the assistant's")
+        return prompt, chosen, rejected
+    chosen, rejected = text_of(chosen, "chosen"), text_of(rejected, "rejected")
+    if prompt is None and "prompt" not in row:
+        prompt, chosen, rejected = split_common_prefix(chosen, rejected)
+        if not prompt.strip():
+            raise BadRow("'chosen' and 'rejected' share no prompt prefix")
+        return prompt, text_of(chosen, "chosen (after the prompt)"), text_of(rejected, "rejected (after the prompt)")
+    if not (isinstance(prompt, str) or is_messages(prompt)):
+        raise BadRow("'prompt' is missing or neither text nor a message list")
+    return prompt, chosen, rejected
+
+
+def normalise_prompt(row):
+    """The prompt of a prompt row or of a preference row."""
+    if "chosen" in row and "rejected" in row:
+        return normalise_pair(row)[0]
+    if "prompt" in row:
+        p = row["prompt"]
+        return p if is_messages(p) else text_of(p, "prompt")
+    if is_messages(row.get("messages")):
+        m = row["messages"]
+        return split_conversation(m, "messages")[0] if m[-1].get("role") == "assistant" else m
+    raise BadRow("has no 'prompt' and no 'messages' conversation")
+
+
+def check_columns(rows, path, flag, needed):
+    cols = set(rows[0])
+    if not any(set(n) <= cols for n in needed):
+        raise UsageError(f"{flag} {path}: needs columns " + " or ".join("/".join(n) for n in needed)
+                         + f" (columns: {', '.join(rows[0])})")
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def prompt_ids(tok, prompt):
+    """Token ids of a prompt: a message list through the chat template with the generation prompt (the
+    template adds its own BOS), a string through the tokenizer with its special tokens."""
+    if isinstance(prompt, list):
+        if not tok.chat_template:
+            raise BadRow("is a conversation, but the tokenizer has no chat template")
+        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt)["input_ids"]
+
+
+def response_ids(tok, response):
+    """The response's tokens + EOS: what the policy emits after the prompt."""
+    return tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def encode_prompt(tok, prompt, max_prompt_len):
+    ids = prompt_ids(tok, prompt)
+    if not ids:
+        raise BadRow("the prompt has no tokens and the tokenizer adds no BOS")
+    if max_prompt_len and len(ids) > max_prompt_len:
+        raise TooLong
+    return ids
+
+
+class TooLong(Exception):
+    """A prompt over --max-prompt-len: dropped and counted, not an error."""
+
+
+def encode_all(items, encode, where, max_prompt_len, strict):
+    """encode(item) for each item, dropping (with a printed count) prompts over --max-prompt-len, and
+    reporting items it cannot encode as keep_good_rows does."""
+    too_long = []
+
+    def one(item):
+        try:
+            return encode(item)
+        except TooLong:
+            too_long.append(item)
+            return None
+
+    out = [x for x in keep_good_rows(items, one, where, strict) if x is not None]
+    if too_long:
+        print(f"{where}: dropped {len(too_long)} of {len(items)} rows whose prompt exceeds --max-prompt-len "
+              f"{max_prompt_len} tokens", flush=True)
+    if not out:
+        raise UsageError(f"{where}: every prompt exceeds --max-prompt-len {max_prompt_len}")
+    return out
+
+
+def load_pairs(path, split, flag, strict=False):
+    """Preference rows of any shape as (prompt, chosen, rejected)."""
+    rows = load_rows(path, split, flag)
+    check_columns(rows, path, flag, [("chosen", "rejected")])
+    return keep_good_rows(rows, normalise_pair, f"{flag} {path}", strict)
+
+
+def load_prompts(path, split, flag, tok, max_prompt_len=0, strict=False):
+    """Prompts and their token ids, [(prompt, ids)]: prompts over max_prompt_len tokens dropped and counted."""
+    rows = load_rows(path, split, flag)
+    check_columns(rows, path, flag, [("prompt",), ("messages",), ("chosen", "rejected")])
+    prompts = keep_good_rows(rows, normalise_prompt, f"{flag} {path}", strict)
+    return encode_all(prompts, lambda p: (p, encode_prompt(tok, p, max_prompt_len)), f"{flag} {path}",
+                      max_prompt_len, strict)
+
+
+def show(prompt):
+    """A prompt as one line of text, for printed tables."""
+    return prompt if isinstance(prompt, str) else " | ".join(f"{m['role']}: {m.get('content', '')}" for m in prompt)

@@ -1,0 +1,269 @@
+"""The RL loop dvpo.py and ppo_baseline.py share: their common flags, model loading, the step (sample ->
+score -> advantages -> PPO epochs), periodic held-out evaluation, and atomic checkpoints that --resume
+continues exactly. What differs between the two algorithms is passed in as `algo` (see rl_train).
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+import world
+from rollout import (Probe, generate, in_chunks, kl_k1, kl_k3, masked_whiten, minibatches,
+                     old_logprobs, ppo_update, response_logprobs)
+from world import UsageError, arg
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class RLArgs:
+    """Flags shared by dvpo.py and ppo_baseline.py, with the same meaning and defaults in both."""
+    policy: str = arg(world.SFT_DIR, "initial policy: a local folder or hub name of a causal LM; the default is the world's SFT policy")
+    ref: str = arg("", "reference policy for the KL penalty; empty: the initial policy")
+    prompts: str = arg(world.PROMPTS_TRAIN, "RL prompts: 'prompt' (text or messages), 'messages', or preference rows (data.py); the default is the world's")
+    eval_prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts for the periodic gold evaluation; empty: none")
+    split: str = arg("train", "split to read when a data or prompts path is a hub dataset or a DatasetDict folder")
+    eval_split: str = arg("", "split of --eval-prompts (and of --eval-data); empty: --split")
+    max_prompt_len: int = arg(256, "prompts longer than this many tokens (after the chat template) are dropped, with a count")
+    strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
+    out: str = arg("ckpt/rl", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
+    lam: float = arg(0.95, "GAE lambda")
+    gamma: float = arg(1.0, "discount")
+    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive")
+    adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
+    target_kl: float = arg(6.0, "adaptive KL target, nats per sequence")
+    kl_horizon: int = arg(10000, "adaptive KL horizon, in samples")
+    steps: int = arg(100, "RL steps (one batch of prompts each)")
+    batch_size: int = arg(64, "prompts per step, one response each")
+    minibatch_size: int = arg(16, "responses per PPO minibatch (one optimizer step); must divide --batch-size")
+    micro_batch_size: int = arg(0, "responses per forward/backward; gradients accumulate over a minibatch (0: the whole minibatch)")
+    forward_batch_size: int = arg(0, "responses per generate call and per no-grad forward (0: the whole batch)")
+    logprob_chunk: int = arg(0, "token positions per fp32 log-softmax chunk, so [batch, length, vocab] fp32 logits never exist (0: off)")
+    dtype: str = arg("fp32", "fp32 | bf16 | fp16: frozen models stored in it; trained ones keep fp32 weights under autocast")
+    gradient_checkpointing: bool = arg(False, "recompute the trained models' activations in backward instead of storing them")
+    ppo_epochs: int = arg(4, "PPO epochs over each batch")
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon")
+    lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip")
+    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)")
+    max_new_tokens: int = arg(48, "sampling budget per response")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)")
+    eval_every: int = arg(25, "steps between held-out gold evaluations (and one at the start and the end)")
+    eval_n: int = arg(200, "held-out prompts per periodic evaluation")
+    table_every: int = arg(50, "steps between printed tables of prompt, response, gold and the critic's score")
+    save_every: int = arg(0, "steps between resumable checkpoints written atomically to --out (0: only the final policy)")
+    resume: bool = arg(False, "continue the run checkpointed in --out (same flags; raise --steps to train longer)")
+    seed: int = arg(0, "seed for python, numpy and torch")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+
+
+def validate_rl(args):
+    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "eval_every",
+                 "eval_n", "table_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("micro_batch_size", "forward_batch_size", "logprob_chunk", "save_every", "max_prompt_len"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 0")
+    if args.batch_size % args.minibatch_size:
+        raise UsageError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
+    if args.micro_batch_size and args.minibatch_size % args.micro_batch_size:
+        raise UsageError(f"--micro-batch-size {args.micro_batch_size} does not divide --minibatch-size {args.minibatch_size}")
+    if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1 and args.temperature > 0 and args.kl_coef >= 0):
+        raise UsageError("--lam must lie in [0, 1], --gamma in (0, 1], --temperature above 0, --kl-coef at least 0")
+    if args.resume:
+        world.restore_interrupted(args.out)
+        if not os.path.isfile(os.path.join(args.out, STATE_FILE)):
+            raise UsageError(f"--resume: {args.out} holds no resumable checkpoint (write one with --save-every)")
+
+
+def load_rl_models(args, device, prec):
+    """Policy (trained, fp32; from --out when resuming) and reference (frozen, --dtype) with one tokenizer;
+    the prompt sets, encoded by that tokenizer as [(prompt, ids)]."""
+    if world.SFT_DIR in (args.policy, args.ref) or args.prompts == world.PROMPTS_TRAIN or \
+            args.eval_prompts == world.PROMPTS_EVAL:
+        world.ensure_world()
+    policy, tok = data.load_pretrained(args.out if args.resume else args.policy, "--policy")
+    ref, ref_tok = data.load_pretrained(args.ref or args.policy, "--ref" if args.ref else "--policy", dtype=prec.dtype)
+    ref.requires_grad_(False).eval()
+    if world.tokenizer_fingerprint(ref_tok) != world.tokenizer_fingerprint(tok):
+        raise UsageError(f"--ref {args.ref or args.policy}: its tokenizer differs from the policy's ({args.policy})")
+    if args.gradient_checkpointing:
+        data.enable_checkpointing(policy)
+    prompts = data.load_prompts(args.prompts, args.split, "--prompts", tok, args.max_prompt_len, args.strict)
+    eval_prompts = data.load_prompts(args.eval_prompts, args.eval_split or args.split, "--eval-prompts", tok,
+                                     args.max_prompt_len, args.strict)[:args.eval_n] if args.eval_prompts else []
+    return policy.to(device).train(), ref.to(device), tok, prompts, eval_prompts
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        err = max(-0.2, min(0.2, kl / self.target - 1))
+        self.beta *= 1 + err * n / self.horizon
+
+
+class PromptSampler:
+    """Endless epoch-shuffled prompt indices, with a state to checkpoint and resume from."""
+
+    def __init__(self, n, seed):
+        self.n, self.rng, self.order, self.pos = n, random.Random(seed), [], 0
+
+    def take(self, k):
+        out = []
+        for _ in range(k):
+            if self.pos == len(self.order):
+                self.order, self.pos = list(range(self.n)), 0
+                self.rng.shuffle(self.order)
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.rng.setstate(s["rng"])
+        self.order, self.pos = s["order"], s["pos"]
+
+
+def held_out_eval(policy, ref, tok, prompts, args, seed):
+    """Gold reward and KL on held-out prompts, sampled with a fixed seed that leaves training's RNG alone."""
+    import evaluate
+    states = world.rng_states()
+    torch.manual_seed(seed)
+    s = evaluate.score_policy(policy, ref, tok, prompts, args.forward_batch_size or 250, args.max_new_tokens,
+                              args.temperature)
+    world.set_rng_states(states)
+    gold, ci = evaluate.mean_ci(s["gold"])
+    return {"eval/gold": gold, "eval/gold_ci95": ci, "eval/kl": sum(s["kl"]) / len(s["kl"]),
+            "eval/eos_rate": sum(s["ended"]) / len(s["ended"]), "eval/length": sum(s["length"]) / len(s["length"])}
+
+
+def save_run(args, tmp_summary, policy, tok, records, state):
+    """Write --out atomically: the policy (save_pretrained), metrics.jsonl, summary.json and, with a state,
+    trainer_state.pt for --resume. An interrupted save leaves the last good one (world.atomic_dir)."""
+    with world.atomic_dir(args.out) as tmp:
+        policy.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(tmp_summary, f, indent=2)
+        if state is not None:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+
+
+def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
+    """The loop DVPO and PPO share: sample prompts -> generate -> old and reference log-probs -> KL-penalty
+    rewards -> algo.advantages -> PPO epochs (the policy's clipped step, then algo.minibatch_step if any) ->
+    log -> periodic held-out gold evaluation -> checkpoint. `algo` holds what differs between the methods:
+    its critic, `advantages(r, rewards) -> [B, R]`, `score` (the critic's V(s_T) or RM score, [B]), `name`,
+    `describe` (for the first printed line), `score_name`, `models` and `optimizers` (for the memory tally),
+    and optionally `minibatch_step`, `state_dict` and `load_state_dict` (a trained critic)."""
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
+    frozen = {id(p) for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad}
+    assert not frozen & {id(p) for o in (opt, *algo.optimizers) for g in o.param_groups for p in g["params"]}
+    kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
+    probe = Probe(device, models=(policy, ref, *algo.models), optimizers=(opt, *algo.optimizers))
+    sampler = PromptSampler(len(prompts), args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    records, ev, start, elapsed = [], {}, 0, 0.0
+    if args.resume:
+        st = torch.load(os.path.join(args.out, STATE_FILE), weights_only=False)
+        if st["algo"] != algo.name:
+            raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {algo.name} one")
+        if st["step"] >= args.steps:
+            raise UsageError(f"--resume: {args.out} has done {st['step']} steps already; raise --steps above that")
+        opt.load_state_dict(st["optimizer"])
+        prec.scaler.load_state_dict(st["scaler"])
+        kl_ctl.beta = st["kl_coef"]
+        sampler.load_state_dict(st["sampler"])
+        gen.set_state(st["generator"])
+        if st.get("algo_state") is not None:
+            algo.load_state_dict(st["algo_state"])
+        world.set_rng_states(st["rng"])
+        records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
+
+    def checkpoint(step, with_state):
+        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0,
+                   "params/trained": sum(p.numel() for m in (policy, *algo.models) for p in m.parameters() if p.requires_grad),
+                   "params/frozen": sum(p.numel() for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad),
+                   "device": str(device), "args": asdict(args)}
+        state = None if not with_state else {
+            "algo": algo.name, "step": step, "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
+            "kl_coef": kl_ctl.beta, "sampler": sampler.state_dict(), "generator": gen.get_state(),
+            "algo_state": algo.state_dict() if hasattr(algo, "state_dict") else None, "rng": world.rng_states(),
+            "records": records, "eval": ev, "elapsed": time.time() - t0}
+        save_run(args, summary, policy, tok, records, state)
+        return summary
+
+    print(f"{algo.name}: {algo.describe}, lam={args.lam} beta={args.kl_coef}{' (adaptive)' if args.adaptive_kl else ''}, "
+          f"{args.steps} steps of {args.batch_size} prompts on {device} ({args.dtype}), {len(prompts)} prompts"
+          + (f", resumed at step {start}" if start else ""), flush=True)
+    t0 = time.time() - elapsed
+    for step in tqdm(range(start, args.steps + 1), desc=algo.name, leave=False, disable=None):
+        done_here = any(rec["step"] == step and "eval/gold" in rec for rec in records)
+        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not done_here:
+            with prec.autocast():
+                ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000)
+            records.append({"step": step, **ev})
+            tqdm.write(f"eval step {step} | held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f} | "
+                       f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f}")
+        if step == args.steps:
+            break
+        batch = [prompts[i] for i in sampler.take(args.batch_size)]
+        with probe.phase("generate"), prec.autocast():
+            r = generate(policy, tok, [p for p, _ in batch], args.max_new_tokens, args.temperature,
+                         ids=[ids for _, ids in batch], chunk=args.forward_batch_size)
+        with probe.phase("score"):
+            plans = minibatches(args.batch_size, args.minibatch_size, args.ppo_epochs, gen)
+            old_logp = old_logprobs(policy, r, plans[0], args, prec)
+            with prec.autocast():
+                ref_logp = in_chunks(lambda x: response_logprobs(ref, x, args.temperature, chunk=args.logprob_chunk),
+                                     r, args.forward_batch_size)
+            kl = kl_k1(old_logp, ref_logp) * r.response_mask
+            rewards = -kl_ctl.beta * kl
+            T = r.response_mask.sum(1).long()
+            if args.missing_eos_penalty:
+                rewards[torch.arange(len(T)), T - 1] -= args.missing_eos_penalty * (~r.ended).float()
+            with prec.autocast():
+                adv = masked_whiten(algo.advantages(r, rewards), r.response_mask)
+        with probe.phase("update"):
+            stats = ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None))
+        for o in (opt, *algo.optimizers):  # gradients are not held through the next generation
+            o.zero_grad(set_to_none=True)
+        gold = world.gold_scores(r.texts)
+        seq_kl = kl.sum(1).mean().item()
+        m = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.beta, "objective/gold": sum(gold) / len(gold),
+             f"objective/{algo.score_name}": algo.score.mean().item(),
+             "objective/kl_k3": (kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
+             "objective/length": T.float().mean().item(), "objective/eos_rate": r.ended.float().mean().item(),
+             **stats, **probe.pop(), "time/elapsed": time.time() - t0}
+        records.append({"step": step + 1, **m})
+        if args.adaptive_kl:
+            kl_ctl.update(seq_kl, args.batch_size)
+        tqdm.write(f"step {step + 1}/{args.steps} | gold {m['objective/gold']:+.3f} | kl {seq_kl:.2f} | "
+                   f"{algo.score_name} {m[f'objective/{algo.score_name}']:+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "
+                   f"ent {m['policy/entropy']:.2f} | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s "
+                   f"update {m['time/update']:.2f}s")
+        if (step + 1) % args.table_every == 0:
+            tqdm.write(f"| prompt | response | gold | {algo.score_name} |\n| --- | --- | --- | --- |")
+            for i in range(min(4, len(r.texts))):
+                tqdm.write(f"| {data.show(r.prompts[i])} | {r.texts[i]} | {gold[i]:+.3f} | {algo.score[i].item():+.3f} |")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            checkpoint(step + 1, with_state=True)
+            tqdm.write(f"checkpoint step {step + 1} -> {args.out}")
+    summary = checkpoint(args.steps, with_state=args.save_every > 0)
+    print(f"saved {args.out}" + (f": held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f}, "
+                                 f"KL {ev['eval/kl']:.2f}" if ev else "") + f", {summary['time/wall_seconds']:.0f}s", flush=True)
+    return summary
