@@ -125,13 +125,26 @@ class BadRow(Exception):
     """One row the loader cannot use; the message says why (the caller adds the row number)."""
 
 
+class TooLong(Exception):
+    """A prompt over --max-prompt-len: dropped and counted, not an error."""
+
+
+class Rows(list):
+    """Rows kept from a file, with their 1-based row numbers in it, so later reports name the right rows."""
+
+    def __init__(self, values, numbers):
+        super().__init__(values)
+        self.numbers = numbers
+
+
 def keep_good_rows(rows, normalise, where, strict):
-    """normalise(row) for every row. Rows it rejects are reported by 1-based number and skipped with a
+    """normalise(row) for every row. Rows it rejects are reported by 1-based row number and skipped with a
     count, or stop the run under --strict; never silently dropped."""
-    good, bad = [], []
-    for i, row in enumerate(rows, 1):
+    good, numbers, bad = [], [], []
+    for i, row in zip(getattr(rows, "numbers", range(1, len(rows) + 1)), rows):
         try:
             good.append(normalise(row))
+            numbers.append(i)
         except BadRow as e:
             bad.append(f"row {i}: {e}")
     shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -141,7 +154,7 @@ def keep_good_rows(rows, normalise, where, strict):
         raise UsageError(f"{where}: {len(bad)} bad rows (--strict): {shown}")
     if bad:
         print(f"{where}: skipped {len(bad)} of {len(rows)} rows: {shown}", flush=True)
-    return good
+    return Rows(good, numbers)
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -249,10 +262,6 @@ def encode_prompt(tok, prompt, max_prompt_len):
     if max_prompt_len and len(ids) > max_prompt_len:
         raise TooLong
     return ids
-
-
-class TooLong(Exception):
-    """A prompt over --max-prompt-len: dropped and counted, not an error."""
 
 
 def encode_all(items, encode, where, max_prompt_len, strict):

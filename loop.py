@@ -56,6 +56,7 @@ class RLArgs:
     eval_every: int = arg(25, "steps between held-out gold evaluations (and one at the start and the end)")
     eval_n: int = arg(200, "held-out prompts per periodic evaluation")
     table_every: int = arg(50, "steps between printed tables of prompt, response, gold and the critic's score")
+    gold: str = arg("auto", "vader | none | auto: score responses with the world's gold judge (VADER sentiment); auto: when --prompts lie in a world's data folder, as it means nothing on other data")
     save_every: int = arg(0, "steps between resumable checkpoints written atomically to --out (0: only the final policy)")
     resume: bool = arg(False, "continue the run checkpointed in --out (same flags; raise --steps to train longer)")
     seed: int = arg(0, "seed for python, numpy and torch")
@@ -76,6 +77,8 @@ def validate_rl(args):
         raise UsageError(f"--micro-batch-size {args.micro_batch_size} does not divide --minibatch-size {args.minibatch_size}")
     if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1 and args.temperature > 0 and args.kl_coef >= 0):
         raise UsageError("--lam must lie in [0, 1], --gamma in (0, 1], --temperature above 0, --kl-coef at least 0")
+    if args.gold not in ("auto", "vader", "none"):
+        raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
     if args.resume:
         world.restore_interrupted(args.out)
         if not os.path.isfile(os.path.join(args.out, STATE_FILE)):
@@ -136,8 +139,9 @@ class PromptSampler:
         self.order, self.pos = s["order"], s["pos"]
 
 
-def held_out_eval(policy, ref, tok, prompts, args, seed):
-    """Gold reward and KL on held-out prompts, sampled with a fixed seed that leaves training's RNG alone."""
+def held_out_eval(policy, ref, tok, prompts, args, seed, use_gold):
+    """KL, length, EOS rate and (with use_gold) gold reward on held-out prompts, sampled with a fixed seed
+    that leaves training's RNG alone."""
     import evaluate
     states = world.rng_states()
     torch.manual_seed(seed)
@@ -145,11 +149,18 @@ def held_out_eval(policy, ref, tok, prompts, args, seed):
                               args.temperature)
     world.set_rng_states(states)
     gold, ci = evaluate.mean_ci(s["gold"])
-    return {"eval/gold": gold, "eval/gold_ci95": ci, "eval/kl": sum(s["kl"]) / len(s["kl"]),
+    return {**({"eval/gold": gold, "eval/gold_ci95": ci} if use_gold else {}), "eval/kl": sum(s["kl"]) / len(s["kl"]),
             "eval/eos_rate": sum(s["ended"]) / len(s["ended"]), "eval/length": sum(s["length"]) / len(s["length"])}
 
 
-def save_run(args, tmp_summary, policy, tok, records, state):
+def gold_text(m, key, ci_key=None):
+    """The gold score (with its interval) as printed text; empty when the run has no gold judge."""
+    if key not in m:
+        return ""
+    return f"{m[key]:+.3f}" + (f" ± {m[ci_key]:.3f}" if ci_key else "")
+
+
+def save_run(args, summary, policy, tok, records, state):
     """Write --out atomically: the policy (save_pretrained), metrics.jsonl, summary.json and, with a state,
     trainer_state.pt for --resume. An interrupted save leaves the last good one (world.atomic_dir)."""
     with world.atomic_dir(args.out) as tmp:
@@ -158,7 +169,7 @@ def save_run(args, tmp_summary, policy, tok, records, state):
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         with open(os.path.join(tmp, "summary.json"), "w") as f:
-            json.dump(tmp_summary, f, indent=2)
+            json.dump(summary, f, indent=2)
         if state is not None:
             torch.save(state, os.path.join(tmp, STATE_FILE))
 
@@ -178,6 +189,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     sampler = PromptSampler(len(prompts), args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     records, ev, start, elapsed = [], {}, 0, 0.0
+    use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
     if args.resume:
         st = torch.load(os.path.join(args.out, STATE_FILE), weights_only=False)
         if st["algo"] != algo.name:
@@ -212,13 +224,14 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
           + (f", resumed at step {start}" if start else ""), flush=True)
     t0 = time.time() - elapsed
     for step in tqdm(range(start, args.steps + 1), desc=algo.name, leave=False, disable=None):
-        done_here = any(rec["step"] == step and "eval/gold" in rec for rec in records)
+        done_here = any(rec["step"] == step and "eval/kl" in rec for rec in records)
         if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not done_here:
             with prec.autocast():
-                ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000)
+                ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000, use_gold)
             records.append({"step": step, **ev})
-            tqdm.write(f"eval step {step} | held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f} | "
-                       f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f}")
+            gold = gold_text(ev, "eval/gold", "eval/gold_ci95")
+            tqdm.write(f"eval step {step} | " + (f"held-out gold {gold} | " if gold else "") +
+                       f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f} | length {ev['eval/length']:.1f}")
         if step == args.steps:
             break
         batch = [prompts[i] for i in sampler.take(args.batch_size)]
@@ -242,9 +255,10 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
             stats = ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None))
         for o in (opt, *algo.optimizers):  # gradients are not held through the next generation
             o.zero_grad(set_to_none=True)
-        gold = world.gold_scores(r.texts)
+        gold = world.gold_scores(r.texts) if use_gold else None
         seq_kl = kl.sum(1).mean().item()
-        m = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.beta, "objective/gold": sum(gold) / len(gold),
+        m = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.beta,
+             **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
              f"objective/{algo.score_name}": algo.score.mean().item(),
              "objective/kl_k3": (kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
              "objective/length": T.float().mean().item(), "objective/eos_rate": r.ended.float().mean().item(),
@@ -252,18 +266,21 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
         records.append({"step": step + 1, **m})
         if args.adaptive_kl:
             kl_ctl.update(seq_kl, args.batch_size)
-        tqdm.write(f"step {step + 1}/{args.steps} | gold {m['objective/gold']:+.3f} | kl {seq_kl:.2f} | "
+        tqdm.write(f"step {step + 1}/{args.steps} | " + (f"gold {gold_text(m, 'objective/gold')} | " if use_gold else "") +
+                   f"kl {seq_kl:.2f} | "
                    f"{algo.score_name} {m[f'objective/{algo.score_name}']:+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "
                    f"ent {m['policy/entropy']:.2f} | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s "
                    f"update {m['time/update']:.2f}s")
         if (step + 1) % args.table_every == 0:
             tqdm.write(f"| prompt | response | gold | {algo.score_name} |\n| --- | --- | --- | --- |")
             for i in range(min(4, len(r.texts))):
-                tqdm.write(f"| {data.show(r.prompts[i])} | {r.texts[i]} | {gold[i]:+.3f} | {algo.score[i].item():+.3f} |")
+                tqdm.write(f"| {data.show(r.prompts[i])} | {r.texts[i]} | {f'{gold[i]:+.3f}' if use_gold else '-'} "
+                           f"| {algo.score[i].item():+.3f} |")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1, with_state=True)
             tqdm.write(f"checkpoint step {step + 1} -> {args.out}")
     summary = checkpoint(args.steps, with_state=args.save_every > 0)
-    print(f"saved {args.out}" + (f": held-out gold {ev['eval/gold']:+.3f} ± {ev['eval/gold_ci95']:.3f}, "
-                                 f"KL {ev['eval/kl']:.2f}" if ev else "") + f", {summary['time/wall_seconds']:.0f}s", flush=True)
+    gold = gold_text(ev, "eval/gold", "eval/gold_ci95")
+    print(f"saved {args.out}" + (": " + (f"held-out gold {gold}, " if gold else "") + f"KL {ev['eval/kl']:.2f}" if ev else "")
+          + f", {summary['time/wall_seconds']:.0f}s", flush=True)
     return summary

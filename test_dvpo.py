@@ -1047,6 +1047,7 @@ def test_families_round_trip_through_gvm_and_dvpo(families, tiny_world, tmp_path
                "--max-new-tokens", "8"])
     steps = training_records(tmp_path / "dvpo" / "metrics.jsonl")
     assert [m["step"] for m in steps if "objective/kl" in m] == [1, 2]
+    assert not any("objective/gold" in m or "eval/gold" in m for m in steps)  # VADER means nothing off the world
     assert all(m["val/ratio_first_max_dev"] == 0.0 for m in steps if "objective/kl" in m)
     _, saved_tok = data.load_pretrained(str(tmp_path / "dvpo"))
     assert world.tokenizer_fingerprint(saved_tok) == meta["tokenizer_fingerprint"]
@@ -1070,3 +1071,28 @@ def test_a_value_model_from_another_tokenizer_or_template_is_refused(families, t
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and "with another tokenizer than --policy" in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_datasetdict_folder_with_named_splits_feeds_gvm_and_dvpo(families, tiny_world, tmp_path):
+    """The README's one-GPU commands in miniature: UltraFeedback-shaped rows in a save_to_disk DatasetDict
+    with train_prefs / test_prefs splits, --split and --eval-split, a Qwen2-style model."""
+    import datasets
+    rows = [json.loads(x) for x in (tiny_world / "data" / "pairs_train.jsonl").read_text().splitlines()][:24]
+
+    def conv(r):
+        u = {"role": "user", "content": r["prompt"]}
+        chosen, rejected = [u, {"role": "assistant", "content": r["chosen"]}], [u, {"role": "assistant", "content": r["rejected"]}]
+        return {"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "messages": chosen}
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list([conv(r) for r in rows[:16]]),
+                          "test_prefs": datasets.Dataset.from_list([conv(r) for r in rows[16:]])}).save_to_disk(tmp_path / "uf")
+    D, M = str(tmp_path / "uf"), str(families / "qwen2")
+    summary = gvm.train(gvm.Args(model=M, data=D, split="train_prefs", eval_data=D, eval_split="test_prefs",
+                                 max_steps=1, out=str(tmp_path / "gvm"), dtype="bf16", micro_batch_size=4))
+    assert (summary["train/pairs"], summary["eval/pairs"]) == (16, 8)
+    dvpo.main(["--gvm", str(tmp_path / "gvm"), "--policy", M, "--prompts", D, "--split", "train_prefs",
+               "--eval-prompts", D, "--eval-split", "test_prefs", "--out", str(tmp_path / "dvpo"), "--steps", "1",
+               "--batch-size", "4", "--minibatch-size", "4", "--micro-batch-size", "2", "--eval-every", "1",
+               "--eval-n", "4", "--max-new-tokens", "8", "--dtype", "bf16", "--logprob-chunk", "4"])
+    assert json.loads((tmp_path / "dvpo" / "summary.json").read_text())["train/steps"] == 1
+    with pytest.raises(world.UsageError, match="no split 'nope' \\(splits: train_prefs, test_prefs\\)"):
+        data.load_rows(D, "nope")

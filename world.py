@@ -172,6 +172,11 @@ def looks_local(path):
             or path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow"))
 
 
+def is_world_data(path):
+    """True for a file in a built world's data folder (its marker beside it): the gold judge applies."""
+    return os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), MARKER))
+
+
 def tokenizer_fingerprint(tok):
     """Hash of the vocabulary, special tokens and chat template: two checkpoints may share token ids only if this matches."""
     vocab = sorted(tok.get_vocab().items())
