@@ -871,6 +871,9 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     assert not out.exists()  # mid-swap: only the backup holds step 2
     world.restore_interrupted(str(out))
     assert (out / "model").read_text() == "step 2" and os.listdir(tmp_path) == ["run"]
+    with world.atomic_dir(str(out)) as tmp:  # a save that completes replaces it and leaves no backup behind
+        open(os.path.join(tmp, "model"), "w").write("step 4")
+    assert (out / "model").read_text() == "step 4" and os.listdir(tmp_path) == ["run"]
 
 
 def test_resume_without_a_checkpoint_is_a_one_line_error(tiny_world, tiny_gvm, tmp_path, capsys):
