@@ -120,20 +120,17 @@ class LearnedCritic:
         return adv
 
     def minibatch_step(self, idx, mb):
-        """One clipped value step, accumulated over micro-batches like the policy's (rollout.policy_step)."""
-        n = mb.response_mask.sum().clamp(min=1)
-        self.opt.zero_grad(set_to_none=True)
-        total = {}
-        for micro_idx in rollout.micro_batches(len(mb.prompts), self.args.micro_batch_size):
-            micro, rows = mb.index(micro_idx), idx[micro_idx]
-            with self.prec.autocast():
-                vpred = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1:-1]
+        """One clipped value step, accumulated over micro-batches like the policy's (rollout.accumulated_step)."""
+        def micro_loss(micro_idx, micro, n):
+            rows = idx[micro_idx]
+            vpred = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1:-1]
             loss, clipfrac = clipped_value_loss(vpred, self.old_values[rows], self.returns[rows], micro.response_mask,
                                                 self.args.cliprange_value, n)
-            self.prec.backward(self.args.vf_coef * loss)
-            rollout.accumulate(total, {"loss/value": loss, "val/clipfrac": clipfrac,
-                                       "val/vpred": (vpred.detach() * micro.response_mask).sum() / n})
-        self.prec.step(self.opt, self.critic.parameters(), self.args.max_grad_norm)
+            return self.args.vf_coef * loss, {"loss/value": loss, "val/clipfrac": clipfrac,
+                                              "val/vpred": (vpred.detach() * micro.response_mask).sum() / n}
+
+        total, _ = rollout.accumulated_step(self.opt, self.prec, self.critic.parameters(), self.args.max_grad_norm,
+                                            mb, self.args.micro_batch_size, micro_loss)
         return {k: float(v) for k, v in total.items()}
 
     def state_dict(self):

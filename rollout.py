@@ -360,23 +360,34 @@ def accumulate(total, stats):
         total[k] = v if k not in total else torch.max(total[k], v) if k.endswith("_max_dev") else total[k] + v
 
 
-def policy_step(policy, opt, prec, mb, old_logp, adv, args):
-    """One clipped policy-gradient step on a minibatch, accumulated over micro-batches of
-    --micro-batch-size: each one's loss is its token sum over the minibatch's token count, so the gradient
-    is the whole minibatch's. Its statistics as floats."""
+def accumulated_step(opt, prec, params, max_norm, mb, micro_batch_size, micro_loss):
+    """One optimizer step on a minibatch, accumulated over micro-batches of --micro-batch-size rows.
+    micro_loss(idx, micro, n) returns the micro-batch's loss as its token sum over the minibatch's token
+    count n, so the gradients add up to the whole minibatch's, and its statistics on the same scale.
+    (summed statistics, gradient norm before clipping)"""
     n = mb.response_mask.sum().clamp(min=1)
     opt.zero_grad(set_to_none=True)
     total = {}
-    for idx in micro_batches(len(mb.prompts), args.micro_batch_size):
+    for idx in micro_batches(len(mb.prompts), micro_batch_size):
         micro = mb.index(idx)
         with prec.autocast():
-            new_logp, entropy = response_logprobs(policy, micro, args.temperature, with_entropy=True,
-                                                  chunk=args.logprob_chunk)
-        loss, s = ppo_loss(new_logp, old_logp[idx], adv[idx], micro.response_mask, args.cliprange, n)
+            loss, stats = micro_loss(idx, micro, n)
         prec.backward(loss)
-        accumulate(total, {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * micro.response_mask).sum() / n})
-    total["policy/grad_norm"] = prec.step(opt, policy.parameters(), args.max_grad_norm)
-    return {k: float(v) for k, v in total.items()}
+        accumulate(total, stats)
+    return total, prec.step(opt, params, max_norm)
+
+
+def policy_step(policy, opt, prec, mb, old_logp, adv, args):
+    """One clipped policy-gradient step on a minibatch; its statistics as floats."""
+    def micro_loss(idx, micro, n):
+        new_logp, entropy = response_logprobs(policy, micro, args.temperature, with_entropy=True,
+                                              chunk=args.logprob_chunk)
+        loss, s = ppo_loss(new_logp, old_logp[idx], adv[idx], micro.response_mask, args.cliprange, n)
+        return loss, {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * micro.response_mask).sum() / n}
+
+    total, grad_norm = accumulated_step(opt, prec, policy.parameters(), args.max_grad_norm, mb,
+                                        args.micro_batch_size, micro_loss)
+    return {**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm)}
 
 
 def ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, extra_step=None):
