@@ -668,7 +668,7 @@ def test_compare_runs_both_methods_and_reports_every_phase_and_ratio(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "compare.py"), "--root", str(tmp_path / "bench"),
                            "--hidden", "32", "--layers", "1", "--heads", "2", "--sft-steps", "60", "--seeds", "0",
                            "--steps", "2", "--eval-n", "10", "--batch-size", "8", "--minibatch-size", "4",
-                           "--value-epochs", "1", "--json", str(out)],
+                           "--value-epochs", "1", "--json", str(out), "--extra", "--micro-batch-size 2 --dtype bf16"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -678,9 +678,11 @@ def test_compare_runs_both_methods_and_reports_every_phase_and_ratio(tmp_path):
         # the tally of real parameter, gradient and AdamW-state bytes matches 16 B per trained and 4 B per frozen
         # parameter (plus AdamW's one-number step counters)
         assert mem["states_measured"] == pytest.approx(mem["states_analytic"], rel=1e-3)
+        run_args = json.loads((tmp_path / "bench" / f"{method}-s0" / "summary.json").read_text())["args"]
+        assert (run_args["micro_batch_size"], run_args["dtype"]) == (2, "bf16")  # --extra reached both trainers
         assert len(res[method]["quality"]) == 1
     d, p = res["dvpo"]["memory"], res["ppo"]["memory"]
-    assert d["states_analytic"] / p["states_analytic"] == pytest.approx(0.6, abs=0.01)  # 24 / 40 bytes per parameter
+    assert d["states_analytic"] / p["states_analytic"] == pytest.approx(0.56, abs=0.01)  # bf16 frozen: 20 / 36 B/param
     assert "DVPO/PPO" in proc.stdout and "| update |" in proc.stdout and "reward model" in proc.stdout
     assert {"gvm", "rm"} <= set(res["value_models"])
 
@@ -1099,3 +1101,13 @@ def test_a_datasetdict_folder_with_named_splits_feeds_gvm_and_dvpo(families, tin
     assert json.loads((tmp_path / "dvpo" / "summary.json").read_text())["train/steps"] == 1
     with pytest.raises(world.UsageError, match="no split 'nope' \\(splits: train_prefs, test_prefs\\)"):
         data.load_rows(D, "nope")
+
+
+def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys):
+    import compare
+    res = compare.analytic_memory(compare.Args(analytic=str(families / "qwen2"), batch_size=2))
+    model, _ = data.load_pretrained(str(families / "qwen2"))
+    n = sum(p.numel() for p in model.parameters())
+    assert res["params"] == n and res["value_model_params"] == n + model.config.hidden_size + 1  # tied LM head
+    out = capsys.readouterr().out
+    assert "| 0.60 |" in out and "| 0.56 |" in out  # 24/40 and 20/36 bytes per parameter
