@@ -271,16 +271,17 @@ def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch
     micro = micro_batch_size or len(samples)
     parts = [collate(samples[i:i + micro], pad_id) for i in range(0, len(samples), micro)]
     weights = [objective.weight(b) for b in parts]
+    share = [w / sum(weights) for w in weights]
     opt.zero_grad(set_to_none=True)
     stats = {}
-    for batch, w in zip(parts, weights):
+    for batch, f in zip(parts, share):
         batch = {k: v.to(device) for k, v in batch.items()}
         with prec.autocast():
             values = state_values(model, batch)
         loss, m = objective.loss(values, batch)
-        prec.backward(loss * (w / sum(weights)))
+        prec.backward(loss * f)
         for k, v in m.items():
-            stats[k] = stats.get(k, 0.0) + v * w / sum(weights)
+            stats[k] = stats.get(k, 0.0) + v * f
     return stats, prec.step(opt, model.parameters(), 1.0)
 
 
