@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 
 import gvm
 import ppo_baseline
+import runtime
 import world
-from world import UsageError, arg
+from runtime import UsageError, arg
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("generate", "score", "update")
@@ -227,7 +228,7 @@ def compare(args: Args):
     if not seeds or min(args.steps, args.batch_size, args.minibatch_size, args.eval_n, args.value_epochs) < 1:
         raise UsageError("--seeds must name at least one seed; --steps, --batch-size, --minibatch-size, --eval-n "
                          "and --value-epochs must be at least 1")
-    device = world.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     t0 = time.time()
     paths = bench_world(args)
     vm = value_models(args, paths)
@@ -261,8 +262,8 @@ def compare(args: Args):
 
 
 def main(argv=None):
-    args = world.parse_args(Args, argv, __doc__)
-    world.run_main(lambda: compare(args))
+    args = runtime.parse_args(Args, argv, __doc__)
+    runtime.run_main(lambda: compare(args))
 
 
 if __name__ == "__main__":

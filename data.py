@@ -11,18 +11,33 @@ any preference rows above (their prompt part, so RL prompts are encoded exactly 
 A prompt that is a message list goes through the tokenizer's chat template with the generation prompt
 appended; a string prompt is tokenized as it is (TRL's rule). Responses are the assistant's text + EOS.
 """
+import hashlib
+import json
 import os
 
 import torch
 
-import world
-from world import UsageError
+from runtime import UsageError
 
 PAD_TOKEN = "<|pad|>"  # added when a tokenizer has no pad token distinct from EOS; never sampled
 HH_ASSISTANT = "Assistant:"
 
 
 # ---------------------------------------------------------------------------------------------- models
+def looks_local(path):
+    """True for what can only be a local path (so a missing one is an error, not a hub lookup)."""
+    return (path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
+            or os.path.isdir(path.split("/")[0]) and "/" in path  # ckpt/missing, when ckpt/ exists here
+            or path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow"))
+
+
+def tokenizer_fingerprint(tok):
+    """Hash of the vocabulary, special tokens and chat template: two checkpoints may share token ids only if this matches."""
+    vocab = sorted(tok.get_vocab().items())
+    special = [tok.bos_token, tok.eos_token, tok.pad_token] + ([tok.chat_template] if tok.chat_template else [])
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
+
+
 def load_pretrained(name, flag="--policy", causal_lm=True, dtype=torch.float32):
     """Any Hugging Face causal LM (local folder or hub name) in `dtype`, with its tokenizer, a pad token
     that is not EOS (§5.1) and dropout off (§5.4); causal_lm=False gives the headless backbone (AutoModel)
@@ -30,7 +45,7 @@ def load_pretrained(name, flag="--policy", causal_lm=True, dtype=torch.float32):
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    if not os.path.isdir(name) and world.looks_local(name):
+    if not os.path.isdir(name) and looks_local(name):
         raise UsageError(f"{flag} {name}: no such folder")
     try:
         tok = AutoTokenizer.from_pretrained(name)
@@ -107,7 +122,7 @@ def load_rows(path, split="train", flag="--data"):
                 if split not in ds:
                     raise UsageError(f"{flag} {path}: no split {split!r} (splits: {', '.join(ds)})")
                 ds = ds[split]
-        elif os.path.isdir(path) or not world.looks_local(path):
+        elif os.path.isdir(path) or not looks_local(path):
             ds = datasets.load_dataset(path, split=split)
         else:
             raise UsageError(f"{flag} {path}: no such file")

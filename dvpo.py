@@ -15,8 +15,8 @@ import torch
 import gvm
 import loop
 import rollout
-import world
-from world import UsageError, arg
+import runtime
+from runtime import UsageError, arg
 
 ADVANTAGES = ("released", "delta", "static")
 
@@ -92,17 +92,17 @@ def train(args: Args):
     if args.advantage not in ADVANTAGES:
         raise UsageError(f"--advantage {args.advantage}: choose one of {', '.join(ADVANTAGES)}")
     loop.validate_rl(args)
-    device = world.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     prec = rollout.Precision(args.dtype, device)
-    world.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     policy, ref, tok, prompts, eval_prompts = loop.load_rl_models(args, device, prec)
     critic = FrozenGVM(args, load_gvm(args, tok, device, prec.dtype))
     return loop.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device, prec)
 
 
 def main(argv=None):
-    args = world.parse_args(Args, argv, __doc__)
-    world.run_main(lambda: train(args))
+    args = runtime.parse_args(Args, argv, __doc__)
+    runtime.run_main(lambda: train(args))
 
 
 if __name__ == "__main__":

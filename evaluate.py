@@ -19,8 +19,9 @@ import torch
 import data
 import gvm
 import rollout
+import runtime
 import world
-from world import UsageError, arg
+from runtime import UsageError, arg
 
 
 @dataclass
@@ -126,7 +127,7 @@ def run(args: Args):
         raise UsageError("name at least one policy, e.g. python evaluate.py ckpt/sft ckpt/dvpo")
     if args.samples_per_prompt < 1 or args.batch_size < 1 or args.n_prompts < 0:
         raise UsageError("--samples-per-prompt and --batch-size must be at least 1, --n-prompts at least 0")
-    device = world.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     if args.prompts == world.PROMPTS_EVAL or (args.gvm and args.pairs == world.PAIRS_EVAL):
         world.ensure_world()
     ref, ref_tok = data.load_pretrained(args.ref or args.policies[0], "--ref" if args.ref else "policy")
@@ -140,10 +141,10 @@ def run(args: Args):
     results, scored = [], {}
     for name in args.policies:
         policy, tok = data.load_pretrained(name, "policy")
-        if world.tokenizer_fingerprint(tok) != world.tokenizer_fingerprint(ref_tok):
+        if data.tokenizer_fingerprint(tok) != data.tokenizer_fingerprint(ref_tok):
             raise UsageError(f"policy {name}: its tokenizer differs from the reference's; KL needs shared token ids")
         policy.to(device).eval()
-        world.seed_everything(args.seed)
+        runtime.seed_everything(args.seed)
         scored[name] = score_policy(policy, ref, tok, prompts, args.batch_size, args.max_new_tokens,
                                     args.temperature, value_model)
         results.append(summarize(name, scored[name], scored[args.policies[0]],
@@ -172,8 +173,8 @@ def run(args: Args):
 
 
 def main(argv=None):
-    args = world.parse_args(Args, argv, __doc__)
-    world.run_main(lambda: run(args))
+    args = runtime.parse_args(Args, argv, __doc__)
+    runtime.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

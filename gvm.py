@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import world
 import data
+import runtime
+import world
 from rollout import Precision, gae, masked_mean
-from world import UsageError, arg
+from runtime import UsageError, arg
 
 
 @dataclass
@@ -89,7 +90,7 @@ def save_value_model(model, tok, folder, meta):
     tok.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, META_FILE), "w") as f:
-        json.dump({**meta, "tokenizer_fingerprint": world.tokenizer_fingerprint(tok)}, f, indent=2)
+        json.dump({**meta, "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)}, f, indent=2)
 
 
 def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch.float32):
@@ -110,7 +111,7 @@ def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch
 
 def check_tokenizer(meta, tok, where, policy, hint):
     """Refuse a value model whose tokenizer (vocabulary, special tokens, chat template) is not the policy's."""
-    if meta.get("tokenizer_fingerprint") != world.tokenizer_fingerprint(tok):
+    if meta.get("tokenizer_fingerprint") != data.tokenizer_fingerprint(tok):
         raise UsageError(f"{where}: built from {meta.get('base_model')} with another tokenizer than --policy {policy}; "
                          f"train one on this policy's backbone ({hint} {policy})")
 
@@ -298,9 +299,9 @@ def train(args: Args, objective=None):
         raise UsageError("--batch-size and --micro-batch-size must be even: a pair's two samples stay together")
     if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1):
         raise UsageError("--lam must lie in [0, 1] and --gamma in (0, 1]")
-    device = world.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     prec = Precision(args.dtype, device)
-    world.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     train_rows, eval_rows, eval_name = load_data(args)
     backbone, tok = load_backbone(args.model)
     pad_id = tok.pad_token_id  # masked everywhere; data.ensure_pad makes it differ from EOS
@@ -321,8 +322,8 @@ def train(args: Args, objective=None):
           f"held-out pairs, {total} steps of {args.batch_size} samples, {objective.meta()}", flush=True)
 
     t0 = time.time()
-    with world.atomic_dir(args.out) as tmp:
-        log = world.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
+    with runtime.atomic_dir(args.out) as tmp:
+        log = runtime.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
         with prec.autocast():
             metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
         log.write(0, metrics)
@@ -370,8 +371,8 @@ def train(args: Args, objective=None):
 
 
 def main(argv=None):
-    args = world.parse_args(Args, argv, __doc__)
-    world.run_main(lambda: train(args))
+    args = runtime.parse_args(Args, argv, __doc__)
+    runtime.run_main(lambda: train(args))
 
 
 if __name__ == "__main__":

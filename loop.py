@@ -12,10 +12,11 @@ import torch
 from tqdm import tqdm
 
 import data
+import runtime
 import world
 from rollout import (Probe, generate, in_chunks, kl_k1, kl_k3, masked_whiten, minibatches,
                      old_logprobs, ppo_update, response_logprobs)
-from world import UsageError, arg
+from runtime import UsageError, arg
 
 STATE_FILE = "trainer_state.pt"
 
@@ -80,7 +81,7 @@ def validate_rl(args):
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
     if args.resume:
-        world.restore_interrupted(args.out)
+        runtime.restore_interrupted(args.out)
         if not os.path.isfile(os.path.join(args.out, STATE_FILE)):
             raise UsageError(f"--resume: {args.out} holds no resumable checkpoint (write one with --save-every)")
 
@@ -94,7 +95,7 @@ def load_rl_models(args, device, prec):
     policy, tok = data.load_pretrained(args.out if args.resume else args.policy, "--policy")
     ref, ref_tok = data.load_pretrained(args.ref or args.policy, "--ref" if args.ref else "--policy", dtype=prec.dtype)
     ref.requires_grad_(False).eval()
-    if world.tokenizer_fingerprint(ref_tok) != world.tokenizer_fingerprint(tok):
+    if data.tokenizer_fingerprint(ref_tok) != data.tokenizer_fingerprint(tok):
         raise UsageError(f"--ref {args.ref or args.policy}: its tokenizer differs from the policy's ({args.policy})")
     if args.gradient_checkpointing:
         data.enable_checkpointing(policy)
@@ -143,11 +144,11 @@ def held_out_eval(policy, ref, tok, prompts, args, seed, use_gold):
     """KL, length, EOS rate and (with use_gold) gold reward on held-out prompts, sampled with a fixed seed
     that leaves training's RNG alone."""
     import evaluate
-    states = world.rng_states()
+    states = runtime.rng_states()
     torch.manual_seed(seed)
     s = evaluate.score_policy(policy, ref, tok, prompts, args.forward_batch_size or 250, args.max_new_tokens,
                               args.temperature)
-    world.set_rng_states(states)
+    runtime.set_rng_states(states)
     gold, ci = evaluate.mean_ci(s["gold"])
     return {**({"eval/gold": gold, "eval/gold_ci95": ci} if use_gold else {}), "eval/kl": sum(s["kl"]) / len(s["kl"]),
             "eval/eos_rate": sum(s["ended"]) / len(s["ended"]), "eval/length": sum(s["length"]) / len(s["length"])}
@@ -162,8 +163,8 @@ def gold_text(m, key, ci_key=None):
 
 def save_run(args, summary, policy, tok, records, state):
     """Write --out atomically: the policy (save_pretrained), metrics.jsonl, summary.json and, with a state,
-    trainer_state.pt for --resume. An interrupted save leaves the last good one (world.atomic_dir)."""
-    with world.atomic_dir(args.out) as tmp:
+    trainer_state.pt for --resume. An interrupted save leaves the last good one (runtime.atomic_dir)."""
+    with runtime.atomic_dir(args.out) as tmp:
         policy.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
@@ -203,7 +204,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
         gen.set_state(st["generator"])
         if st.get("algo_state") is not None:
             algo.load_state_dict(st["algo_state"])
-        world.set_rng_states(st["rng"])
+        runtime.set_rng_states(st["rng"])
         records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
 
     def checkpoint(step, with_state):
@@ -214,7 +215,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
         state = None if not with_state else {
             "algo": algo.name, "step": step, "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
             "kl_coef": kl_ctl.beta, "sampler": sampler.state_dict(), "generator": gen.get_state(),
-            "algo_state": algo.state_dict() if hasattr(algo, "state_dict") else None, "rng": world.rng_states(),
+            "algo_state": algo.state_dict() if hasattr(algo, "state_dict") else None, "rng": runtime.rng_states(),
             "records": records, "eval": ev, "elapsed": time.time() - t0}
         save_run(args, summary, policy, tok, records, state)
         return summary

@@ -15,8 +15,9 @@ import data
 import gvm
 import loop
 import rollout
+import runtime
 import world
-from world import arg
+from runtime import arg
 
 
 @dataclass
@@ -145,9 +146,9 @@ class LearnedCritic:
 
 def train(args: Args):
     loop.validate_rl(args)
-    device = world.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     prec = rollout.Precision(args.dtype, device)
-    world.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     policy, ref, tok, prompts, eval_prompts = loop.load_rl_models(args, device, prec)
     path = reward_model_path(args)
     critic = LearnedCritic(args, load_reward_model(path, args, tok, device, prec.dtype),
@@ -156,8 +157,8 @@ def train(args: Args):
 
 
 def main(argv=None):
-    args = world.parse_args(Args, argv, __doc__)
-    world.run_main(lambda: train(args))
+    args = runtime.parse_args(Args, argv, __doc__)
+    runtime.run_main(lambda: train(args))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import gvm
 import loop
 import ppo_baseline
 import rollout
+import runtime
 import world
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -206,8 +207,8 @@ def test_save_load_round_trip(tiny_backbone, tmp_path):
     gvm.save_value_model(model, tok, str(tmp_path), {"kind": "gvm"})
     loaded, tok2, meta = gvm.load_value_model(str(tmp_path))
     assert torch.equal(gvm.state_values(model.eval(), batch), gvm.state_values(loaded.eval(), batch))
-    assert meta["tokenizer_fingerprint"] == world.tokenizer_fingerprint(tok2) == world.tokenizer_fingerprint(tok)
-    with pytest.raises(world.UsageError, match="not a 'reward-model' one"):
+    assert meta["tokenizer_fingerprint"] == data.tokenizer_fingerprint(tok2) == data.tokenizer_fingerprint(tok)
+    with pytest.raises(runtime.UsageError, match="not a 'reward-model' one"):
         gvm.load_value_model(str(tmp_path), kind="reward-model")
 
 
@@ -328,10 +329,10 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tiny_world, tmp_path, capsys
 
 def test_atomic_dir_keeps_the_last_good_output_when_a_run_fails(tmp_path):
     out = tmp_path / "ckpt"
-    with world.atomic_dir(str(out)) as tmp:
+    with runtime.atomic_dir(str(out)) as tmp:
         open(os.path.join(tmp, "model"), "w").write("good")
     with pytest.raises(RuntimeError):
-        with world.atomic_dir(str(out)) as tmp:
+        with runtime.atomic_dir(str(out)) as tmp:
             open(os.path.join(tmp, "model"), "w").write("half")
             raise RuntimeError("crash mid-save")
     assert (out / "model").read_text() == "good"
@@ -728,7 +729,7 @@ def test_bad_rows_are_reported_by_number_and_skipped_or_stop_under_strict(tmp_pa
     assert pairs == [("the plot was", "good .", "bad .")] * 2
     out = capsys.readouterr().out
     assert "skipped 2 of 4 rows" in out and "row 2: 'chosen'" in out and "row 4: 'rejected'" in out
-    with pytest.raises(world.UsageError, match=r"p.jsonl: 2 bad rows \(--strict\): row 2"):
+    with pytest.raises(runtime.UsageError, match=r"p.jsonl: 2 bad rows \(--strict\): row 2"):
         data.load_pairs(path, "train", "--data", strict=True)
 
 
@@ -855,7 +856,7 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, tmp_pa
 
 def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    with world.atomic_dir(str(out)) as tmp:
+    with runtime.atomic_dir(str(out)) as tmp:
         open(os.path.join(tmp, "model"), "w").write("step 2")
     real_rename, calls = os.rename, []
 
@@ -867,13 +868,13 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "rename", crash_between_renames)
     with pytest.raises(KeyboardInterrupt):
-        with world.atomic_dir(str(out)) as tmp:
+        with runtime.atomic_dir(str(out)) as tmp:
             open(os.path.join(tmp, "model"), "w").write("step 4")
     monkeypatch.setattr(os, "rename", real_rename)
     assert not out.exists()  # mid-swap: only the backup holds step 2
-    world.restore_interrupted(str(out))
+    runtime.restore_interrupted(str(out))
     assert (out / "model").read_text() == "step 2" and os.listdir(tmp_path) == ["run"]
-    with world.atomic_dir(str(out)) as tmp:  # a save that completes replaces it and leaves no backup behind
+    with runtime.atomic_dir(str(out)) as tmp:  # a save that completes replaces it and leaves no backup behind
         open(os.path.join(tmp, "model"), "w").write("step 4")
     assert (out / "model").read_text() == "step 4" and os.listdir(tmp_path) == ["run"]
 
@@ -1055,7 +1056,7 @@ def test_families_round_trip_through_gvm_and_dvpo(families, tiny_world, tmp_path
     assert not any("objective/gold" in m or "eval/gold" in m for m in steps)  # VADER means nothing off the world
     assert all(m["val/ratio_first_max_dev"] == 0.0 for m in steps if "objective/kl" in m)
     _, saved_tok = data.load_pretrained(str(tmp_path / "dvpo"))
-    assert world.tokenizer_fingerprint(saved_tok) == meta["tokenizer_fingerprint"]
+    assert data.tokenizer_fingerprint(saved_tok) == meta["tokenizer_fingerprint"]
 
 
 def test_a_value_model_from_another_tokenizer_or_template_is_refused(families, tiny_world, tmp_path, capsys):
@@ -1099,7 +1100,7 @@ def test_a_datasetdict_folder_with_named_splits_feeds_gvm_and_dvpo(families, tin
                "--batch-size", "4", "--minibatch-size", "4", "--micro-batch-size", "2", "--eval-every", "1",
                "--eval-n", "4", "--max-new-tokens", "8", "--dtype", "bf16", "--logprob-chunk", "4"])
     assert json.loads((tmp_path / "dvpo" / "summary.json").read_text())["train/steps"] == 1
-    with pytest.raises(world.UsageError, match="no split 'nope' \\(splits: train_prefs, test_prefs\\)"):
+    with pytest.raises(runtime.UsageError, match="no split 'nope' \\(splits: train_prefs, test_prefs\\)"):
         data.load_rows(D, "nope")
 
 
