@@ -62,18 +62,39 @@ def load_pretrained(name, flag="--policy", causal_lm=True, dtype=torch.float32):
 def ensure_pad(tok, model):
     """§5.1: pad != EOS, or masking padding would also mask the EOS the policy must learn to emit. A
     tokenizer without such a pad token gets its UNK token when that differs from EOS, else a new PAD_TOKEN;
-    the embedding matrix grows only when the new id does not fit in the rows it has."""
+    the embedding matrix grows only when the new id does not fit in the rows it has. A grown row is the mean
+    of the existing rows, not a random draw, so every copy of a model (policy, reference, a resumed run) gets
+    the same one; the new token stays out of sampling and of the softmax (suppressed_ids)."""
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
         else:
             tok.add_special_tokens({"pad_token": PAD_TOKEN})
-            if len(tok) > model.get_input_embeddings().num_embeddings:
+            n = model.get_input_embeddings().num_embeddings
+            if len(tok) > n:
                 model.resize_token_embeddings(len(tok), mean_resizing=False)
+                with torch.no_grad():
+                    for emb in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+                        emb.weight[n:] = emb.weight[:n].mean(0)
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return tok
+
+
+def eos_ids(tok, model):
+    """Every EOS id the tokenizer and the model declare (Llama-3-Instruct: [128001, 128008, 128009];
+    Qwen2.5-Instruct: [151645, 151643]): a response ends at the first of any of them."""
+    ids = {tok.eos_token_id}
+    for config in (model.config, getattr(model, "generation_config", None)):
+        declared = getattr(config, "eos_token_id", None)
+        ids.update(declared if isinstance(declared, (list, tuple)) else [declared])
+    return sorted(i for i in ids if i is not None)
+
+
+def suppressed_ids(tok):
+    """Token ids the policy never samples and its softmax leaves out: the pad token ensure_pad added."""
+    return [tok.pad_token_id] if tok.pad_token == PAD_TOKEN else []
 
 
 def enable_checkpointing(model):
@@ -87,15 +108,72 @@ def enable_checkpointing(model):
     return model
 
 
+def is_dropout(name, value):
+    return isinstance(value, float) and ("dropout" in name or name.endswith("pdrop") or name == "layerdrop")
+
+
 def disable_dropout(model):
-    """§5.4: dropout off everywhere, including attention-probability dropout stored as a float."""
+    """§5.4: dropout off everywhere: nn.Dropout modules, rates stored as floats on modules, and rates that
+    some models read from their config inside forward (Falcon: hidden_dropout, attention_dropout). The
+    config's rates are kept aside and written back by save_pretrained."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-        for name in ("attention_dropout", "attn_dropout", "dropout"):
-            if isinstance(getattr(m, name, None), float):
+        for name, value in list(vars(m).items()):
+            if is_dropout(name, value):
                 setattr(m, name, 0.0)
+    if not hasattr(model, "config_dropout"):
+        model.config_dropout = {}
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            for name, value in list(vars(config).items()):
+                if is_dropout(name, value) and value:
+                    model.config_dropout[(id(config), name)] = (config, name, value)
+                    setattr(config, name, 0.0)
     return model
+
+
+def save_pretrained(model, tok, folder):
+    """model.save_pretrained (and the tokenizer's), with the config's dropout rates as they were loaded:
+    dropout is off while we train, not in the checkpoint a user fine-tunes next."""
+    kept = getattr(model, "config_dropout", {}).values()
+    for config, name, value in kept:
+        setattr(config, name, value)
+    try:
+        model.save_pretrained(folder)
+        if tok is not None:
+            tok.save_pretrained(folder)
+    finally:
+        for config, name, _ in kept:
+            setattr(config, name, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.0):
+    """Continuations of left-padded prompts sampled from softmax(logits / temperature) itself (DVPO.md §3), the
+    policy whose log-probs the trainers compute. The model's generation_config is set aside for the call:
+    generate() fills every setting left unset from it, so a checkpoint's repetition_penalty (Qwen2.5-Instruct),
+    no_repeat_ngram_size, min_new_tokens or bad_words_ids would otherwise make samples off-policy. Stops on
+    every EOS id the model declares; never samples suppressed_ids. Returns prompt + continuation ids."""
+    from transformers import GenerationConfig
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_ids(tok, model),
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                              suppress_tokens=suppressed_ids(tok) or None)
+    declared, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.generation_config = declared
+
+
+def continuations(tok, prompt_ids, response_ids):
+    """The text each response adds to its prompt, so that prompt text + response text is the decoded whole
+    (TRL's convention for prompt/chosen/rejected text: " music was long", not "music was long")."""
+    prompts = tok.batch_decode(prompt_ids, skip_special_tokens=True)
+    wholes = tok.batch_decode(torch.cat([prompt_ids, response_ids], 1), skip_special_tokens=True)
+    alone = tok.batch_decode(response_ids, skip_special_tokens=True)
+    return [w[len(p):] if w.startswith(p) else a for p, w, a in zip(prompts, wholes, alone)]
 
 
 # ---------------------------------------------------------------------------------------------- rows

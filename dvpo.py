@@ -29,9 +29,15 @@ class Args(loop.RLArgs):
 
 
 # ---------------------------------------------------------------------------------------------- advantages
-def whiten_unmasked(values):
-    """The released code whitens GVM values over the whole tensor, prompt and padding positions included."""
-    return (values - values.mean()) / (values.std() + 1e-8)
+def whiten_each_sequence(values, attention_mask):
+    """The released code's value whitening: its batched_forward_pass applies trl.core.whiten (mean, unbiased
+    variance, rsqrt(var + 1e-8), no mask) per forward minibatch, and its launch uses minibatches of one, so
+    each sequence is whitened over its own unpadded tokens, prompt and response (DVPO.md §3)."""
+    m = attention_mask.to(values.dtype)
+    n = m.sum(1, keepdim=True)
+    mean = (values * m).sum(1, keepdim=True) / n
+    var = ((values - mean) ** 2 * m).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * m
 
 
 def compute_advantages(variant, values, smask, rewards, gamma, lam):
@@ -73,7 +79,7 @@ class FrozenGVM:
         T = r.response_mask.sum(1).long()
         self.score = values.gather(1, T[:, None]).squeeze(1)  # V(s_T), logged
         if self.args.advantage == "released":
-            values = whiten_unmasked(full)[:, r.prompt_len - 1:]
+            values = whiten_each_sequence(full, r.attention_mask)[:, r.prompt_len - 1:]
         return compute_advantages(self.args.advantage, values, rollout.state_mask(r), rewards,
                                   self.args.gamma, self.args.lam)
 

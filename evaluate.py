@@ -96,7 +96,7 @@ def summarize(name, s, base, prompts=None):
     if s["value"]:
         row["gvm_value"] = sum(s["value"]) / len(s["value"])
     if prompts is not None:
-        row["grammatical"] = sum(world.is_grammatical(f"{p} {t}") for p, t in zip(prompts, s["texts"])) / len(prompts)
+        row["grammatical"] = sum(world.is_grammatical(p + t) for p, t in zip(prompts, s["texts"])) / len(prompts)
     return row
 
 

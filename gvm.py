@@ -86,8 +86,7 @@ HEAD_FILE, META_FILE = "value_head.safetensors", "value_model.json"
 
 def save_value_model(model, tok, folder, meta):
     from safetensors.torch import save_file
-    model.backbone.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    data.save_pretrained(model.backbone, tok, folder)
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump({**meta, "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)}, f, indent=2)

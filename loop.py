@@ -81,9 +81,39 @@ def validate_rl(args):
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
     if args.resume:
-        runtime.restore_interrupted(args.out)
-        if not os.path.isfile(os.path.join(args.out, STATE_FILE)):
-            raise UsageError(f"--resume: {args.out} holds no resumable checkpoint (write one with --save-every)")
+        check_resume(args)
+
+
+# flags a resumed run may change: they set the length of the run, its logging, evaluation and memory use, not
+# the update it computes (micro-batches and chunks compute the same update, up to float rounding)
+RESUME_MAY_CHANGE = ("steps", "resume", "save_every", "eval_every", "eval_n", "eval_prompts", "eval_split",
+                     "table_every", "device", "micro_batch_size", "forward_batch_size", "logprob_chunk",
+                     "gradient_checkpointing", "strict", "out")
+
+
+def flag_text(name, value):
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {value if value != '' else repr(value)}"
+
+
+def check_resume(args):
+    """--resume continues the run checkpointed in --out, so every flag that shapes its updates must be as that
+    run had it (its summary.json); the others are RESUME_MAY_CHANGE."""
+    runtime.restore_interrupted(args.out)
+    if not os.path.isfile(os.path.join(args.out, STATE_FILE)):
+        raise UsageError(f"--resume: {args.out} holds no resumable checkpoint (write one with --save-every)")
+    path = os.path.join(args.out, "summary.json")
+    try:
+        with open(path) as f:
+            before = json.load(f)["args"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--resume: {path} is unreadable ({type(e).__name__}); the checkpoint is damaged") from None
+    changed = [k for k, v in asdict(args).items() if k not in RESUME_MAY_CHANGE and k in before and before[k] != v]
+    if changed:
+        raise UsageError(f"--resume: {args.out} was run with " + ", ".join(flag_text(k, before[k]) for k in changed)
+                         + "; a resumed run may change only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE
+                                                                         if k not in ("resume", "out")))
 
 
 def load_rl_models(args, device, prec):
@@ -103,6 +133,15 @@ def load_rl_models(args, device, prec):
     eval_prompts = data.load_prompts(args.eval_prompts, args.eval_split or args.split, "--eval-prompts", tok,
                                      args.max_prompt_len, args.strict)[:args.eval_n] if args.eval_prompts else []
     return policy.to(device).train(), ref.to(device), tok, prompts, eval_prompts
+
+
+def kl_rewards(kl, mask, ended, beta, missing_eos_penalty=0.0):
+    """Per-token rewards r_t = -beta * kl_t (§3), and -missing_eos_penalty on the last token of a response
+    the length budget cut before its EOS (§5.2, TRL's missing_eos_penalty)."""
+    rewards = -beta * kl * mask
+    T = mask.sum(1).long()
+    rewards[torch.arange(len(T)), (T - 1).clamp(min=0)] -= missing_eos_penalty * (~ended).to(rewards.dtype)
+    return rewards
 
 
 class AdaptiveKL:
@@ -165,8 +204,7 @@ def save_run(args, summary, policy, tok, records, state):
     """Write --out atomically: the policy (save_pretrained), metrics.jsonl, summary.json and, with a state,
     trainer_state.pt for --resume. An interrupted save leaves the last good one (runtime.atomic_dir)."""
     with runtime.atomic_dir(args.out) as tmp:
-        policy.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        data.save_pretrained(policy, tok, tmp)
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         with open(os.path.join(tmp, "summary.json"), "w") as f:
@@ -192,7 +230,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     records, ev, start, elapsed = [], {}, 0, 0.0
     use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
     if args.resume:
-        st = torch.load(os.path.join(args.out, STATE_FILE), weights_only=False)
+        st = torch.load(os.path.join(args.out, STATE_FILE), map_location="cpu", weights_only=False)
         if st["algo"] != algo.name:
             raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {algo.name} one")
         if st["step"] >= args.steps:
@@ -246,10 +284,8 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
                 ref_logp = in_chunks(lambda x: response_logprobs(ref, x, args.temperature, chunk=args.logprob_chunk),
                                      r, args.forward_batch_size)
             kl = kl_k1(old_logp, ref_logp) * r.response_mask
-            rewards = -kl_ctl.beta * kl
+            rewards = kl_rewards(kl, r.response_mask, r.ended, kl_ctl.beta, args.missing_eos_penalty)
             T = r.response_mask.sum(1).long()
-            if args.missing_eos_penalty:
-                rewards[torch.arange(len(T)), T - 1] -= args.missing_eos_penalty * (~r.ended).float()
             with prec.autocast():
                 adv = masked_whiten(algo.advantages(r, rewards), r.response_mask)
         with probe.phase("update"):

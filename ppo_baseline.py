@@ -132,7 +132,7 @@ class LearnedCritic:
 
         total, _ = rollout.accumulated_step(self.opt, self.prec, self.critic.parameters(), self.args.max_grad_norm,
                                             mb, self.args.micro_batch_size, micro_loss)
-        return {k: float(v) for k, v in total.items()}
+        return {**{k: float(v) for k, v in total.items()}, **self.prec.loss_scale("val")}
 
     def state_dict(self):
         return {"critic": self.critic.state_dict(), "optimizer": self.opt.state_dict(),

@@ -7,7 +7,7 @@ import contextlib
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,8 @@ class Rollout:
     prompt_len: int  # P
     ended: torch.Tensor  # [B] bool: the response contains an EOS
     prompts: list
-    texts: list  # decoded responses, special tokens removed
+    texts: list  # what each response adds to its prompt's text (data.continuations)
+    suppressed: list = field(default_factory=list)  # token ids outside the policy's softmax (data.suppressed_ids)
 
     @property
     def response_ids(self):
@@ -81,23 +82,26 @@ class Rollout:
     def index(self, idx):
         """The rows idx, as a Rollout (a minibatch)."""
         return Rollout(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_len,
-                       self.ended[idx], [self.prompts[i] for i in idx.tolist()], [self.texts[i] for i in idx.tolist()])
+                       self.ended[idx], [self.prompts[i] for i in idx.tolist()], [self.texts[i] for i in idx.tolist()],
+                       self.suppressed)
 
 
-def truncate_after_eos(response_ids, eos_id, pad_id):
-    """(ids with everything after the first EOS set to pad, float mask up to and including that EOS, ended)."""
-    is_eos = response_ids == eos_id
+def truncate_after_eos(response_ids, eos_ids, pad_id):
+    """(ids with everything after the first EOS set to pad, float mask up to and including that EOS, ended);
+    an EOS is any of eos_ids (data.eos_ids)."""
+    is_eos = torch.isin(response_ids, torch.as_tensor(eos_ids, device=response_ids.device))
     after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     mask = (~after).float()
     return response_ids.masked_fill(after, pad_id), mask, is_eos.any(1)
 
 
 @torch.no_grad()
-def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, chunk=0, top_k=0, top_p=1.0):
-    """Sample one response per prompt with a KV cache (transformers generate), `chunk` prompts per call (0:
-    all at once); §5.1–5.2. `ids` are the prompts' token ids (data.prompt_ids) when already computed."""
+def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, chunk=0):
+    """Sample one response per prompt from the policy itself (data.sample: no logits processor but the
+    temperature, every declared EOS id), `chunk` prompts per call (0: all at once); §5.1–5.2. `ids` are the
+    prompts' token ids (data.prompt_ids) when already computed."""
     device = next(policy.parameters()).device
-    pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+    pad_id, eos = tok.pad_token_id, data.eos_ids(tok, policy)
     ids = ids if ids is not None else [data.prompt_ids(tok, p) for p in prompts]
     B, P = len(ids), max(len(p) for p in ids)
     prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -105,24 +109,18 @@ def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, ch
     for b, p in enumerate(ids):  # §5.1: left padding
         prompt_ids[b, P - len(p):] = torch.tensor(p)
         prompt_mask[b, P - len(p):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = policy.training
     policy.eval()
-    outs = []
-    for i in range(0, B, chunk or B):
-        out = policy.generate(input_ids=prompt_ids[i:i + (chunk or B)].to(device),
-                              attention_mask=prompt_mask[i:i + (chunk or B)].to(device), do_sample=True,
-                              temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                              pad_token_id=pad_id, eos_token_id=eos_id,
-                              suppress_tokens=[pad_id] if tok.pad_token == data.PAD_TOKEN else None)
-        outs.append(out[:, P:])
+    outs = [data.sample(policy, tok, prompt_ids[i:i + (chunk or B)], prompt_mask[i:i + (chunk or B)],
+                        max_new_tokens, temperature)[:, P:] for i in range(0, B, chunk or B)]
     policy.train(was_training)
     R = max(o.shape[1] for o in outs)
     response = torch.cat([F.pad(o, (0, R - o.shape[1]), value=pad_id) for o in outs])
-    response, mask, ended = truncate_after_eos(response, eos_id, pad_id)
-    input_ids = torch.cat([prompt_ids.to(device), response], 1)
-    attention_mask = torch.cat([prompt_mask.to(device), mask.long()], 1)
-    texts = tok.batch_decode(response * mask.long() + pad_id * (1 - mask.long()), skip_special_tokens=True)
-    return Rollout(input_ids, attention_mask, mask, P, ended, list(prompts), [t.strip() for t in texts])
+    response, mask, ended = truncate_after_eos(response, eos, pad_id)
+    texts = data.continuations(tok, prompt_ids, response)
+    return Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask.long()], 1), mask, P, ended,
+                   list(prompts), texts, data.suppressed_ids(tok))
 
 
 def logits_at_responses(model, rollout):
@@ -135,21 +133,28 @@ def logits_at_responses(model, rollout):
     return logits[:, -(R + 1):-1]
 
 
+def tempered_log_softmax(logits, temperature, suppressed=None):
+    """log softmax(logits / temperature) in fp32 (§5.3) over the vocabulary the policy samples from: the
+    `suppressed` ids get the lowest finite logit, so probability 0 and finite products p * log p."""
+    z = logits.float() / temperature
+    return F.log_softmax(z if suppressed is None else z.index_fill(-1, suppressed, torch.finfo(z.dtype).min), -1)
+
+
 class ChunkedLogprobEntropy(torch.autograd.Function):
-    """log p(y) and entropy of softmax(logits / temperature) over rows of [N, V] logits, in fp32, `chunk` rows
-    at a time in forward and backward: only the logits, in their own dtype, are kept for backward, never an
-    fp32 [N, V] tensor. Backward: d log p(y)/dz = (onehot(y) - p) / temperature and
-    dH/dz = -p (log p + H) / temperature."""
+    """log p(y) and entropy of tempered_log_softmax over rows of [N, V] logits, in fp32, `chunk` rows at a
+    time in forward and backward: only the logits, in their own dtype, are kept for backward, never an fp32
+    [N, V] tensor. Backward: d log p(y)/dz = (onehot(y) - p) / temperature and
+    dH/dz = -p (log p + H) / temperature (0 at suppressed ids, where p = 0)."""
 
     @staticmethod
-    def forward(ctx, logits, ids, temperature, chunk):
+    def forward(ctx, logits, ids, temperature, chunk, suppressed=None):
         logp, ent = [], []
         for s in range(0, len(logits), chunk):
-            lp = F.log_softmax(logits[s:s + chunk].float() / temperature, -1)
+            lp = tempered_log_softmax(logits[s:s + chunk], temperature, suppressed)
             logp.append(lp.gather(-1, ids[s:s + chunk, None]).squeeze(-1))
             ent.append(-(lp.exp() * lp).sum(-1))
         ctx.save_for_backward(logits, ids)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.suppressed = temperature, chunk, suppressed
         return torch.cat(logp), torch.cat(ent)
 
     @staticmethod
@@ -157,29 +162,31 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
         logits, ids = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for s in range(0, len(logits), ctx.chunk):
-            lp = F.log_softmax(logits[s:s + ctx.chunk].float() / ctx.temperature, -1)
+            lp = tempered_log_softmax(logits[s:s + ctx.chunk], ctx.temperature, ctx.suppressed)
             p = lp.exp()
             H = -(p * lp).sum(-1, keepdim=True)
             gl, ge = g_logp[s:s + ctx.chunk, None], g_ent[s:s + ctx.chunk, None]
-            g = -p * (gl + ge * (lp + H))
+            g = -(p * gl + ge * (p * (lp + H)))
             g.scatter_add_(-1, ids[s:s + ctx.chunk, None], gl)
             grad[s:s + ctx.chunk] = (g / ctx.temperature).to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def response_logprobs(model, rollout, temperature=1.0, with_entropy=False, chunk=0):
-    """log pi(y_t | s_t) of the sampled tokens at the sampling temperature (§5.3), [B, R]; masked entries are
-    0. With with_entropy, also the per-token entropy of the tempered distribution. chunk > 0 computes both
-    `chunk` token positions at a time (ChunkedLogprobEntropy), so fp32 [B, R, vocab] tensors never exist."""
+    """log pi(y_t | s_t) of the sampled tokens at the sampling temperature (§5.3), over the vocabulary
+    generate samples from (Rollout.suppressed left out), [B, R]; masked entries are 0. With with_entropy,
+    also the per-token entropy of that distribution. chunk > 0 computes both `chunk` token positions at a
+    time (ChunkedLogprobEntropy), so fp32 [B, R, vocab] tensors never exist."""
     logits = logits_at_responses(model, rollout)
     mask = rollout.response_mask
+    suppressed = torch.tensor(rollout.suppressed, device=logits.device) if rollout.suppressed else None
     if chunk:
         B, R, V = logits.shape
         logp, entropy = ChunkedLogprobEntropy.apply(logits.reshape(B * R, V), rollout.response_ids.reshape(-1),
-                                                    temperature, chunk)
+                                                    temperature, chunk, suppressed)
         logp, entropy = logp.view(B, R) * mask, entropy.view(B, R) * mask
         return (logp, entropy) if with_entropy else logp
-    logp_all = F.log_softmax(logits.float() / temperature, -1)
+    logp_all = tempered_log_softmax(logits, temperature, suppressed)
     logp = logp_all.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * mask
     if not with_entropy:
         return logp
@@ -307,6 +314,10 @@ class Precision:
     def backward(self, loss):
         self.scaler.scale(loss).backward()
 
+    def loss_scale(self, prefix):
+        """{prefix/loss_scale: the fp16 loss scale} for the step's metrics; nothing in fp32 and bf16."""
+        return {f"{prefix}/loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
+
     def step(self, opt, params, max_norm):
         """Unscale, clip to max_norm, step (skipped by the scaler on inf/NaN gradients); the norm before clipping."""
         self.scaler.unscale_(opt)
@@ -387,7 +398,7 @@ def policy_step(policy, opt, prec, mb, old_logp, adv, args):
 
     total, grad_norm = accumulated_step(opt, prec, policy.parameters(), args.max_grad_norm, mb,
                                         args.micro_batch_size, micro_loss)
-    return {**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm)}
+    return {**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm), **prec.loss_scale("policy")}
 
 
 def ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, extra_step=None):

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/datasets import: a stray hub call hangs
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import copy
 import hashlib
 import itertools
 import json
@@ -394,12 +395,14 @@ def test_delta_advantage_closed_forms():
         assert a1[b, :n].tolist() == pytest.approx((values[b, n] - values[b, :n] + tail).tolist(), abs=1e-5)
 
 
-def test_static_advantage_is_next_state_value():
-    values, smask, rewards, T = random_rollout_tensors()
+def test_static_advantage_by_hand():
+    # responses of 3 and 1 tokens: V(s_0..s_3) and V(s_0..s_1), then padding that must not matter
+    values = torch.tensor([[0.5, -1.0, 2.0, 0.25], [3.0, -2.0, 7.0, 7.0]])
+    smask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    rewards = torch.tensor([[-0.1, 0.2, -0.3], [-0.5, 0.0, 0.0]])
     adv = dvpo.compute_advantages("static", values, smask, rewards, 1.0, 0.95)
-    for b in range(len(T)):
-        n = int(T[b])
-        assert adv[b, :n].tolist() == pytest.approx((values[b, 1:n + 1] + rewards[b, :n]).tolist(), abs=1e-6)
+    # A_t = V(s_{t+1}) + r_t: -1.0 - 0.1, 2.0 + 0.2, 0.25 - 0.3; -2.0 - 0.5
+    assert adv.flatten().tolist() == pytest.approx([-1.1, 2.2, -0.05, -2.5, 0.0, 0.0])
 
 
 @pytest.mark.parametrize("variant", dvpo.ADVANTAGES)
@@ -428,17 +431,16 @@ def test_masked_whitening():
 def test_kl_estimators():
     logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
     assert rollout.kl_k1(logp, ref).tolist() == pytest.approx([0.5, -1.0, 0.0])
-    k3 = rollout.kl_k3(logp, ref)
-    assert k3.tolist() == pytest.approx([torch.exp(torch.tensor(-k)).item() - 1 + k for k in [0.5, -1.0, 0.0]])
-    assert (k3 >= 0).all()
+    # k3 = e^{-k1} - 1 + k1: e^{-0.5} - 0.5 = 0.1065307, e^{1} - 2 = 0.7182818, 0
+    assert rollout.kl_k3(logp, ref).tolist() == pytest.approx([0.1065307, 0.7182818, 0.0], abs=1e-6)
 
 
 def test_truncation_after_first_eos():
-    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
-    out, mask, ended = rollout.truncate_after_eos(ids, eos_id=2, pad_id=0)
-    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert ended.tolist() == [True, False, True]
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9], [5, 3, 2, 9]])
+    out, mask, ended = rollout.truncate_after_eos(ids, eos_ids=[2, 3], pad_id=0)  # two EOS ids, as instruct models declare
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 3, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    assert ended.tolist() == [True, False, True, True]
 
 
 @pytest.fixture(scope="session")
@@ -455,7 +457,7 @@ def test_generation_and_logprobs_at_temperature(tiny_policy):
         n = int(r.response_mask[b].sum())
         ids = r.response_ids[b, :n].tolist()
         assert (tok.eos_token_id in ids) == bool(r.ended[b]) and ids.count(tok.eos_token_id) <= 1
-        assert r.texts[b] == tok.decode([i for i in ids if i != tok.eos_token_id]).strip()
+        assert r.texts[b] == " " + tok.decode([i for i in ids if i != tok.eos_token_id])
     T = 0.7
     got = rollout.response_logprobs(policy, r, T)
     for b, prompt in enumerate(r.prompts):  # reference: each sample alone, no padding, log_softmax(logits / T)
@@ -538,9 +540,10 @@ def test_gvm_stays_frozen_and_outside_every_optimizer(tiny_world, tiny_gvm, tmp_
     monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
     dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out"))
     (model, before), = loaded
-    after = model.state_dict()
-    assert all(torch.equal(before[n], after[n]) for n in before), "GVM weights changed"
+    after, on_disk = model.state_dict(), gvm.load_value_model(str(tiny_gvm))[0].state_dict()
+    assert all(torch.equal(before[n], after[n]) and torch.equal(on_disk[n], after[n]) for n in before), "GVM weights changed"
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()), "a gradient reached the GVM"
     in_opt = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
     assert optimizers and not in_opt & {id(p) for p in model.parameters()}
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -742,14 +745,21 @@ def test_long_prompts_are_dropped_with_a_count(tiny_policy, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- memory knobs
-def test_chunked_logprobs_and_entropy_match_autograd_in_value_and_gradient():
+@pytest.mark.parametrize("suppressed", [None, [3, 10]])
+def test_chunked_logprobs_and_entropy_match_autograd_in_value_and_gradient(suppressed):
     torch.manual_seed(0)
     logits = torch.randn(7, 11, requires_grad=True)
     ids = torch.randint(0, 11, (7,))
-    g1, g2 = torch.randn(7), torch.randn(7)
-    lp, ent = rollout.ChunkedLogprobEntropy.apply(logits, ids, 0.7, 3)
-    ref_all = torch.log_softmax(logits / 0.7, -1)
-    ref_lp, ref_ent = ref_all.gather(-1, ids[:, None]).squeeze(-1), -(ref_all.exp() * ref_all).sum(-1)
+    keep = torch.ones(11, dtype=torch.bool)
+    if suppressed is not None:  # never sampled; the reference softmax runs over the other columns only
+        ids = torch.tensor([0, 1, 2, 4, 5, 9, 8])
+        keep[suppressed] = False
+        suppressed = torch.tensor(suppressed)
+    g1, g2 = torch.randn(7) * 3, torch.randn(7) * 3
+    lp, ent = rollout.ChunkedLogprobEntropy.apply(logits, ids, 0.7, 3, suppressed)
+    ref_all = torch.log_softmax(logits[:, keep] / 0.7, -1)
+    ref_lp = ref_all.gather(-1, (ids - (~keep).cumsum(0)[ids])[:, None]).squeeze(-1)
+    ref_ent = -(ref_all.exp() * ref_all).sum(-1)
     assert torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
     grad, = torch.autograd.grad((lp * g1 + ent * g2).sum(), logits)
     ref_grad, = torch.autograd.grad((ref_lp * g1 + ref_ent * g2).sum(), logits)
@@ -832,15 +842,24 @@ def training_records(path):
             for x in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("script", ["dvpo", "ppo"])
-def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, tmp_path, script):
+@pytest.mark.parametrize("script", ["dvpo", "ppo", "dvpo-gpt2"])
+def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, families, tmp_path, script):
+    """Also restored: the adaptive KL coefficient, fp16 loss scales (ppo: two), and, for a GPT-2 policy, a
+    reference whose added pad token must get the same row in every process."""
+    value_model = str(tiny_gvm)
+    if script == "dvpo-gpt2":
+        backbone, tok = gvm.load_backbone(str(families / "gpt2"))
+        gvm.save_value_model(gvm.ValueModel(backbone), tok, str(tmp_path / "gvm-gpt2"), {"kind": "gvm"})
+        value_model = str(tmp_path / "gvm-gpt2")
+
     def run(out, *extra):
-        argv = tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--eval-every", "2", "--save-every", "2", *extra)
+        argv = tiny_dvpo_argv(tiny_world, value_model, out, "--eval-every", "2", "--save-every", "2",
+                              "--adaptive-kl", "--target-kl", "0.5", "--kl-horizon", "20", *extra)
         if script == "ppo":
             argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(rm)]
-            ppo_baseline.main(argv)
+            ppo_baseline.main(argv + ["--dtype", "fp16"])
         else:
-            dvpo.main(argv)
+            dvpo.main(argv + (["--policy", str(families / "gpt2")] if script == "dvpo-gpt2" else []))
 
     rm = tmp_path / "rm"
     if script == "ppo":
@@ -852,6 +871,8 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, tmp_pa
     run(tmp_path / "half", "--steps", "4", "--resume")
     full, resumed = training_records(tmp_path / "full" / "metrics.jsonl"), training_records(tmp_path / "half" / "metrics.jsonl")
     assert len(full) == 7 and resumed == full  # evals at 0, 2, 4 and four steps, every number equal
+    betas = [m["objective/kl_coef"] for m in full if "objective/kl_coef" in m]
+    assert len(set(betas)) == 4  # the controller moved beta at every step
 
 
 def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1015,6 +1036,15 @@ def test_families_get_a_pad_token_that_is_not_eos_and_never_sample_it(families):
     torch.manual_seed(0)
     r = rollout.generate(policy, tok, ["the movie was"] * 4, max_new_tokens=20)
     assert not (r.response_ids[r.response_mask.bool()] == tok.pad_token_id).any()
+    # log-probs, like sampling, leave the pad token out of the softmax, or the ratio and the KL would use a
+    # distribution the samples were not drawn from
+    logits = rollout.logits_at_responses(policy, r)
+    keep = torch.arange(logits.shape[-1]) != tok.pad_token_id
+    ids = r.response_ids.masked_fill(r.response_mask == 0, 0)
+    ref = torch.log_softmax(logits[..., keep], -1).gather(-1, (ids - (ids > tok.pad_token_id).long())[..., None])
+    for chunk in (0, 7):
+        logp, entropy = rollout.response_logprobs(policy, r, with_entropy=True, chunk=chunk)
+        assert torch.allclose(logp, ref.squeeze(-1) * r.response_mask, atol=1e-5) and torch.isfinite(entropy).all()
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -1112,3 +1142,269 @@ def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys)
     assert res["params"] == n and res["value_model_params"] == n + model.config.hidden_size + 1  # tied LM head
     out = capsys.readouterr().out
     assert "| 0.60 |" in out and "| 0.56 |" in out  # 24/40 and 20/36 bytes per parameter
+
+
+# ---------------------------------------------------------------------------------------------- real checkpoints
+def rollout_of(tok, rows, pad_left=0, pad_right=0):
+    """A Rollout of (prompt ids, response ids) rows in rollout.generate's layout: prompts left-padded to the
+    longest + pad_left, responses right-padded to the longest + pad_right, cut after their first EOS."""
+    P, R = max(len(p) for p, _ in rows) + pad_left, max(len(r) for _, r in rows) + pad_right
+    ids = torch.full((len(rows), P + R), tok.pad_token_id)
+    attention = torch.zeros(len(rows), P + R, dtype=torch.long)
+    for b, (p, r) in enumerate(rows):
+        ids[b, P - len(p):P + len(r)] = torch.tensor(p + r)
+        attention[b, P - len(p):P + len(r)] = 1
+    response_mask = attention[:, P:].float()
+    ended = torch.tensor([r[-1] == tok.eos_token_id for _, r in rows])
+    return rollout.Rollout(ids, attention, response_mask, P, ended, ["?"] * len(rows), [""] * len(rows))
+
+
+def kl_like_rewards(r):
+    """Deterministic per-token rewards -0.01 * (t + 1) on each response's tokens."""
+    return -0.01 * torch.arange(1, r.response_mask.shape[1] + 1).float()[None] * r.response_mask
+
+
+def world_rows(tok):
+    texts = [("the plot was", " very good ."), ("i", " loved the film but the ending was dull ."), ("overall ,", " bad")]
+    return [(data.prompt_ids(tok, p), data.response_ids(tok, x)[:-1 if x == " bad" else None]) for p, x in texts]
+
+
+def pollute(model, tok):
+    """Settings real checkpoints ship in generation_config.json (Qwen2.5-Instruct: repetition_penalty), and
+    others a checkpoint may carry: each one would make samples differ from softmax(logits / T)."""
+    model.generation_config.update(do_sample=True, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=4, top_k=3,
+                                   top_p=0.5, temperature=0.2, max_new_tokens=2,
+                                   bad_words_ids=[[tok.convert_tokens_to_ids(tok.tokenize(" the")[0])]])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["world", "qwen2"])
+def test_a_polluted_generation_config_samples_exactly_as_a_clean_one(tiny_world, families, tmp_path, kind):
+    path = str(tiny_world / "sft") if kind == "world" else str(families / kind)
+    prompts = ["the plot was", "i", "overall , it was a", "the acting"] * 3
+    clean, tok = data.load_pretrained(path)
+    if kind != "world":  # a random model's near-uniform next-token distribution hardly feels a penalty: sharpen it
+        with torch.no_grad():
+            clean.get_output_embeddings().weight.mul_(30)
+    dirty = copy.deepcopy(clean)
+    pollute(dirty, tok).save_pretrained(tmp_path / "dirty")
+    tok.save_pretrained(tmp_path / "dirty")
+    dirty, _ = data.load_pretrained(str(tmp_path / "dirty"))
+    assert dirty.generation_config.repetition_penalty == 1.3  # the checkpoint really carries it
+    runs = []
+    for model in (clean, dirty):
+        torch.manual_seed(0)
+        runs.append(rollout.generate(model, tok, prompts, max_new_tokens=16, temperature=0.9))
+    assert torch.equal(runs[0].input_ids, runs[1].input_ids) and torch.equal(runs[0].response_mask, runs[1].response_mask)
+    assert dirty.generation_config.repetition_penalty == 1.3  # and it is left as the checkpoint has it
+    if kind == "world":  # the world's own pair sampling
+        texts = []
+        for model in (clean, pollute(clean, tok)):
+            torch.manual_seed(0)
+            texts.append(world.sample_responses(model, tok, prompts, 16, 5, progress=False))
+        assert texts[0] == texts[1]
+
+
+def test_generation_stops_on_every_eos_id_the_model_declares(families):
+    """Llama-3-Instruct declares [<|end_of_text|>, <|eom_id|>, <|eot_id|>]: a response ends at the first of any."""
+    policy, tok = data.load_pretrained(str(families / "llama"))
+    other = tok.convert_tokens_to_ids("<|end_of_text|>")
+    policy.generation_config.eos_token_id = [other, tok.eos_token_id]
+    policy.lm_head.bias = torch.nn.Parameter(torch.zeros(policy.lm_head.out_features))
+    with torch.no_grad():
+        policy.lm_head.bias[other] = 4.0  # the second EOS id ends many responses early, not all
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the movie was", "i"] * 16, max_new_tokens=12)
+    eos = torch.tensor([other, tok.eos_token_id])
+    ends_on_other = 0
+    for b in range(len(r.prompts)):
+        n = int(r.response_mask[b].sum())
+        ids = r.response_ids[b, :n]
+        is_eos = torch.isin(ids, eos)
+        assert not is_eos[:-1].any(), "an EOS id inside a response: generation or truncation ignored it"
+        assert bool(r.ended[b]) == bool(is_eos[-1]) and (bool(is_eos[-1]) or n == 12)
+        ends_on_other += int(ids[-1] == other)
+    assert 0 < ends_on_other < len(r.prompts)
+
+
+def step0_kl(policy, ref, tok, prec=None):
+    prec = prec or rollout.Precision("fp32", "cpu")
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the movie was", "i", "the ending was good but"] * 4, max_new_tokens=12)
+    with prec.autocast():
+        return (rollout.kl_k1(rollout.response_logprobs(policy, r), rollout.response_logprobs(ref, r))
+                * r.response_mask).sum(1)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_policy_equal_to_its_reference_has_kl_exactly_zero(families, kind):
+    """Policy and reference are loaded separately, as the trainers do; a pad token added to both (GPT-2,
+    Llama 3) must give them the same rows and stay out of the softmax."""
+    path = str(families / kind)
+    policy, tok = data.load_pretrained(path)
+    torch.randn(1000)  # whatever the RNG did in between
+    ref, _ = data.load_pretrained(path)
+    assert torch.equal(policy.get_input_embeddings().weight, ref.get_input_embeddings().weight)
+    assert (step0_kl(policy, ref, tok) == 0).all()
+    ref16, _ = data.load_pretrained(path, dtype=torch.bfloat16)  # --dtype bf16: the frozen copy in bf16
+    kl = step0_kl(policy, ref16, tok, rollout.Precision("bf16", "cpu"))
+    assert kl.abs().max() < 0.05  # only bf16 rounding is left (README, Reproduce on one GPU)
+
+
+def test_released_whitens_each_sequence_over_its_own_unpadded_tokens(tiny_gvm):
+    """The authors' batched_forward_pass whitens each sequence's values (trl.core.whiten: unbiased variance,
+    rsqrt(var + 1e-8)) over its unpadded prompt and response, so a row's advantages do not depend on the
+    rest of the batch or on padding."""
+    model, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    critic = dvpo.FrozenGVM(dvpo.Args(advantage="released", lam=0.95), model.eval())
+    rows = world_rows(tok)
+    r = rollout_of(tok, rows)
+    together = critic.advantages(r, kl_like_rewards(r))
+    for i, (p, x) in enumerate(rows):
+        alone_r = rollout_of(tok, [(p, x)], pad_left=3, pad_right=2)
+        alone = critic.advantages(alone_r, kl_like_rewards(alone_r))
+        assert torch.allclose(together[i, :len(x)], alone[0, :len(x)], atol=1e-5)
+        with torch.no_grad():
+            v = model(torch.tensor([p + x]), torch.ones(1, len(p + x), dtype=torch.long))[0]
+        w = (v - v.mean()) * torch.rsqrt(v.var() + 1e-8)
+        expected = released_closed_form(w[len(p) - 1:].tolist(), kl_like_rewards(alone_r)[0].tolist(), len(x), 0.95)
+        assert alone[0, :len(x)].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_learned_critic_advantages_line_up_with_each_response_whatever_the_padding(tiny_gvm):
+    rm, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    critic = ppo_baseline.LearnedCritic(ppo_baseline.Args(gamma=1.0, lam=0.9), rm, gvm.load_value_model(str(tiny_gvm))[0], "cpu")
+    rows = world_rows(tok)
+    r = rollout_of(tok, rows)
+    together, returns = critic.advantages(r, kl_like_rewards(r)), critic.returns
+    for i, (p, x) in enumerate(rows):
+        with torch.no_grad():  # by hand on the unpadded sequence: V(s_t) at position P-1+t, the score at EOS
+            v = critic.critic(torch.tensor([p + x]), torch.ones(1, len(p + x), dtype=torch.long))[0, len(p) - 1:]
+        rewards = kl_like_rewards(rollout_of(tok, [(p, x)]))[0]
+        rewards[-1] += v[-1]  # the critic starts as the reward model: its V(s_T) is the score
+        adv, ret, last = [0.0] * len(x), [0.0] * len(x), 0.0
+        for t in reversed(range(len(x))):
+            nxt = v[t + 1].item() if t + 1 < len(x) else 0.0
+            last = rewards[t].item() + nxt - v[t].item() + 0.9 * last
+            adv[t], ret[t] = last, last + v[t].item()
+        assert together[i, :len(x)].tolist() == pytest.approx(adv, abs=1e-5)
+        assert returns[i, :len(x)].tolist() == pytest.approx(ret, abs=1e-5)
+        assert (together[i, len(x):] == 0).all() and (returns[i, len(x):] == 0).all()
+
+
+def test_world_pairs_concatenate_to_the_text_the_project_encodes(tiny_world):
+    """TRL (and every peer taking prompt/chosen/rejected text) encodes prompt + chosen as one text."""
+    _, tok = data.load_pretrained(str(tiny_world / "sft"))
+    rows = [json.loads(x) for x in (tiny_world / "data" / "pairs_train.jsonl").read_text().splitlines()]
+    for row in rows:
+        for key in ("chosen", "rejected"):
+            ours = data.prompt_ids(tok, row["prompt"]) + data.response_ids(tok, row[key])
+            assert tok(row["prompt"] + row[key])["input_ids"] + [tok.eos_token_id] == ours, row
+
+
+@pytest.mark.parametrize("kind", ["world", "gpt2", "qwen2"])
+def test_sampled_texts_continue_their_prompts(tiny_world, families, kind):
+    """A response's text is what follows the prompt: prompt + text re-encodes to the sampled tokens."""
+    policy, tok = data.load_pretrained(str(tiny_world / "sft") if kind == "world" else str(families / kind))
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the plot was", "i"] * 4, max_new_tokens=10)
+    for b in range(len(r.prompts)):
+        n = int(r.response_mask[b].sum()) - int(r.ended[b])
+        if kind == "world":  # a random BPE model samples token sequences that BPE would spell otherwise
+            assert tok(r.prompts[b] + r.texts[b])["input_ids"][-n:] == r.response_ids[b, :n].tolist()
+        assert tok.decode(tok(r.prompts[b])["input_ids"], skip_special_tokens=True) + r.texts[b] == \
+            tok.decode(r.input_ids[b], skip_special_tokens=True)
+
+
+def test_resume_restores_both_fp16_loss_scales(tiny_world, tiny_gvm, tmp_path):
+    """PPO under --dtype fp16 has two GradScalers (policy, critic); their scales drop after overflows and must
+    come back on --resume. The checkpoint is edited as if both had dropped."""
+    model, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    gvm.save_value_model(model, tok, str(tmp_path / "rm"), {"kind": "reward-model"})
+    argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "run", "--save-every", "1", "--dtype", "fp16")
+    argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(tmp_path / "rm")]
+    ppo_baseline.main(argv + ["--steps", "1"])
+    path = tmp_path / "run" / loop.STATE_FILE
+    st = torch.load(path, weights_only=False)
+    assert st["scaler"]["scale"] == st["algo_state"]["scaler"]["scale"] == 65536.0
+    st["scaler"]["scale"], st["algo_state"]["scaler"]["scale"] = 1024.0, 512.0
+    torch.save(st, path)
+    ppo_baseline.main(argv + ["--steps", "2", "--resume"])
+    last = [m for m in training_records(tmp_path / "run" / "metrics.jsonl") if "policy/loss_scale" in m][-1]
+    assert (last["step"], last["policy/loss_scale"], last["val/loss_scale"]) == (2, 1024.0, 512.0)
+
+
+def test_resume_loads_its_state_onto_the_cpu_first(tiny_world, tiny_gvm, tmp_path, monkeypatch):
+    """A checkpoint written on a GPU must resume on a machine without one: torch.load maps it to the CPU."""
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "run", "--steps", "1", "--save-every", "1"))
+    seen, real_load = [], torch.load
+
+    def spy(*a, **k):
+        seen.append(k.get("map_location"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "run", "--steps", "2", "--save-every", "1", "--resume"))
+    assert seen == ["cpu"]
+
+
+def test_resume_refuses_changed_training_flags_and_accepts_the_others(tiny_world, tiny_gvm, tmp_path, capsys):
+    out = tmp_path / "run"
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1", "--save-every", "1"))
+    before = files_digest(out)
+    for extra, flag in ((["--batch-size", "4"], "--batch-size 8"), (["--lr", "0.1"], "--lr 0.0003"),
+                        (["--advantage", "static"], "--advantage delta")):
+        with pytest.raises(SystemExit) as e:
+            dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2", "--resume", *extra))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"was run with {flag}" in err, err
+        assert files_digest(out) == before
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2", "--resume", "--eval-every", "1",
+                             "--micro-batch-size", "2", "--forward-batch-size", "4"))
+    assert json.loads((out / "summary.json").read_text())["train/steps"] == 2
+
+
+def test_dropout_read_from_the_config_at_forward_time_is_off_and_saved_as_it_was(tmp_path):
+    """Falcon reads hidden_dropout and attention_dropout from its config inside forward."""
+    from transformers import FalconConfig, FalconForCausalLM
+    config = FalconConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          hidden_dropout=0.5, attention_dropout=0.5)
+    model = data.disable_dropout(FalconForCausalLM(config)).train()
+    ids = torch.randint(0, 50, (2, 9))
+    assert torch.equal(model(ids).logits, model(ids).logits), "dropout still active in train mode"
+    data.save_pretrained(model, None, str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["hidden_dropout"], saved["attention_dropout"]) == (0.5, 0.5)
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------- loop pieces
+def test_adaptive_kl_update_by_hand():
+    ctl = loop.AdaptiveKL(0.2, 6.0, 10_000)
+    ctl.update(9.0, 64)  # error clipped to +0.2: beta * (1 + 0.2 * 64 / 10000)
+    assert ctl.beta == pytest.approx(0.2 * 1.00128)
+    ctl.update(5.4, 64)  # error 5.4 / 6 - 1 = -0.1
+    assert ctl.beta == pytest.approx(0.2 * 1.00128 * (1 - 0.1 * 64 / 10_000))
+
+
+def test_kl_rewards_with_the_missing_eos_penalty_by_hand():
+    kl = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    ended = torch.tensor([False, True])
+    rewards = loop.kl_rewards(kl, mask, ended, beta=0.1, missing_eos_penalty=2.0)
+    # -beta * kl per token; the response cut by the length budget loses 2.0 on its last token
+    assert rewards.flatten().tolist() == pytest.approx([-0.05, 0.1, -0.2 - 2.0, -0.1, 0.0, 0.0])
+
+
+def test_fp16_skips_a_step_on_overflow_and_lowers_the_loss_scale():
+    layer = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    prec = rollout.Precision("fp16", "cpu")
+    before, scale = layer.weight.detach().clone(), prec.scaler.get_scale()
+    prec.backward(layer(torch.full((1, 3), float("inf"))).sum())
+    norm = prec.step(opt, layer.parameters(), 1.0)
+    assert not torch.isfinite(norm) and torch.equal(layer.weight, before) and prec.scaler.get_scale() == scale / 2
+    opt.zero_grad()
+    prec.backward(layer(torch.ones(1, 3)).sum())
+    prec.step(opt, layer.parameters(), 1.0)
+    assert not torch.equal(layer.weight, before)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import data
 from runtime import UsageError, arg, parse_args, run_main
 
 ROOT = "ckpt"
@@ -245,18 +246,14 @@ def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
 
 @torch.no_grad()
 def sample_responses(model, tok, prompts, max_new_tokens, batch_size, progress=True, desc="sampling"):
-    """One sampled response per prompt (temperature 1, no top-k/top-p). Returns (texts, ended_with_eos)."""
+    """One response per prompt, sampled as the trainers sample (data.sample: temperature 1, no other logits
+    processor). Returns (texts, ended_with_eos); a text continues its prompt, leading space included."""
     texts, ended = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=None if progress else True, leave=False):
         enc = tok(prompts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="left")
-        out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        for row in out[:, enc.input_ids.shape[1]:].tolist():
-            has_eos = tok.eos_token_id in row
-            row = row[:row.index(tok.eos_token_id)] if has_eos else row
-            texts.append(tok.decode(row, skip_special_tokens=True).strip())
-            ended.append(has_eos)
+        response = data.sample(model, tok, enc.input_ids, enc.attention_mask, max_new_tokens)[:, enc.input_ids.shape[1]:]
+        texts += data.continuations(tok, enc.input_ids, response)  # generate pads a finished response
+        ended += (response == tok.eos_token_id).any(1).tolist()
     return texts, ended
 
 
@@ -267,7 +264,7 @@ def label_pairs(prompts, a, b, cfg: WorldConfig, rng: random.Random):
     ga, gb = gold_scores(a), gold_scores(b)
     rows = []
     for p, x, y, sx, sy in zip(prompts, a, b, ga, gb):
-        if not x or not y or x == y or sx == sy:
+        if not x.strip() or not y.strip() or x == y or sx == sy:
             continue
         x_wins = rng.random() < 0.5 * (1 + math.tanh(cfg.bt_beta * (sx - sy) / 2))  # sigmoid, overflow-free
         if rng.random() < cfg.label_flip:
@@ -321,14 +318,14 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     stats = {
         "vocab_size": len(tok), "sft_params": sum(p.numel() for p in model.parameters()),
         "sft_final_loss": round(sft_loss, 4), "sft_eos_rate": sum(a_eos) / len(a_eos),
-        "sft_grammatical_rate": sum(is_grammatical(f"{p} {x}") for p, x in zip(both, a)) / len(a),
+        "sft_grammatical_rate": sum(is_grammatical(p + x) for p, x in zip(both, a)) / len(a),
         "sft_gold_mean": sum(gold) / len(gold),
         "sft_gold_frac_pos": sum(g > 0.05 for g in gold) / len(gold),
         "sft_gold_frac_neg": sum(g < -0.05 for g in gold) / len(gold),
         "n_prompts_train": len(train_prompts), "n_prompts_eval": len(eval_prompts),
         "n_pairs_train": len(pairs_train), "n_pairs_eval": len(pairs_eval),
         "label_agrees_with_gold": sum(r["score_chosen"] > r["score_rejected"] for r in pairs_train) / max(1, len(pairs_train)),
-        "samples": [p + " | " + x for p, x in zip(both[:5], a[:5])],
+        "samples": [p + " |" + x for p, x in zip(both[:5], a[:5])],
         "build_seconds": round(time.time() - t0, 1),
     }
 
