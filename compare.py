@@ -1,5 +1,5 @@
 """DVPO against PPO on one world, with the same seeds, flags and budget: memory, time and quality in one table
-(DVPO.md §7). For each seed, dvpo.py and ppo_baseline.py run back to back, each in its own process (so RSS
+(docs/DVPO.md §7). For each seed, dvpo.py and ppo_baseline.py run back to back, each in its own process (so RSS
 and CUDA peaks are its own), after the GVM and the reward model are trained on the same preference pairs.
 
     python compare.py                                   # benchmark world (Llama, 4 layers, width 128), 3 seeds

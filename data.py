@@ -1,5 +1,5 @@
 """Models, tokenizers and preference data from local files or the hub, in the shapes people have, loaded the
-same way by every stage (DVPO.md §5.1).
+same way by every stage (docs/DVPO.md §5.1).
 
 Preference rows (gvm.py --data, ppo_baseline.py --data), one of:
   prompt / chosen / rejected as strings                      (the embedded world, TRL "standard")
@@ -150,7 +150,7 @@ def save_pretrained(model, tok, folder):
 # ---------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.0):
-    """Continuations of left-padded prompts sampled from softmax(logits / temperature) itself (DVPO.md §3), the
+    """Continuations of left-padded prompts sampled from softmax(logits / temperature) itself (docs/DVPO.md §3), the
     policy whose log-probs the trainers compute. The model's generation_config is set aside for the call:
     generate() fills every setting left unset from it, so a checkpoint's repetition_penalty (Qwen2.5-Instruct),
     no_repeat_ngram_size, min_new_tokens or bad_words_ids would otherwise make samples off-policy. Stops on

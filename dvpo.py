@@ -1,4 +1,4 @@
-"""Stage 2 of DVPO: policy-only PPO with the frozen global value model as critic (DVPO.md §3).
+"""Stage 2 of DVPO: policy-only PPO with the frozen global value model as critic (docs/DVPO.md §3).
 
 Per step: sample prompts -> generate one response each -> log-probs under the policy (old) and the reference
 -> frozen GVM values -> per-token KL-penalty rewards -> advantages (--advantage) -> --ppo-epochs of clipped
@@ -24,7 +24,7 @@ ADVANTAGES = ("released", "delta", "static")
 @dataclass
 class Args(loop.RLArgs):
     gvm: str = arg("ckpt/gvm", "the global value model from gvm.py (frozen here)")
-    advantage: str = arg("delta", "released | delta | static: how GVM values become advantages (README, DVPO.md §3)")
+    advantage: str = arg("delta", "released | delta | static: how GVM values become advantages (README, docs/DVPO.md §3)")
     out: str = arg("ckpt/dvpo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
 
 
@@ -32,7 +32,7 @@ class Args(loop.RLArgs):
 def whiten_each_sequence(values, attention_mask):
     """The released code's value whitening: its batched_forward_pass applies trl.core.whiten (mean, unbiased
     variance, rsqrt(var + 1e-8), no mask) per forward minibatch, and its launch uses minibatches of one, so
-    each sequence is whitened over its own unpadded tokens, prompt and response (DVPO.md §3)."""
+    each sequence is whitened over its own unpadded tokens, prompt and response (docs/DVPO.md §3)."""
     m = attention_mask.to(values.dtype)
     n = m.sum(1, keepdim=True)
     mean = (values * m).sum(1, keepdim=True) / n

@@ -1,4 +1,4 @@
-"""Stage 3: measure policies on held-out prompts with the gold judge (DVPO.md §6).
+"""Stage 3: measure policies on held-out prompts with the gold judge (docs/DVPO.md §6).
 
 For each policy: mean gold reward with a 95% confidence interval, KL(pi || pi_ref) in nats per sequence
 against the first policy (or --ref), win rate against the first policy by the gold judge, mean response

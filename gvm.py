@@ -1,4 +1,4 @@
-"""Stage 1 of DVPO: pretrain the global value model (GVM) on preference pairs (DVPO.md §2).
+"""Stage 1 of DVPO: pretrain the global value model (GVM) on preference pairs (docs/DVPO.md §2).
 
 Each pair (x, y_chosen, y_rejected) becomes two samples with terminal labels +1 and -1. A causal-LM backbone
 with a zero-initialised Linear(hidden, 1) head reads V(s_t) for every state s_t = (x, y_<t), t = 0..T, and

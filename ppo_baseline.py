@@ -1,4 +1,4 @@
-"""The PPO baseline (DVPO.md §4): a Bradley–Terry reward model trained on the same preference pairs as the
+"""The PPO baseline (docs/DVPO.md §4): a Bradley–Terry reward model trained on the same preference pairs as the
 GVM (stage A), then PPO whose critic starts as a copy of the reward model and keeps learning (stage B).
 Same loop, flags, logs and outputs as dvpo.py: diff the two files to see the algorithmic difference. In
 memory: policy and critic (trained, each with its optimizer), reference and reward model (frozen).

@@ -1,7 +1,7 @@
 """The math every trainer shares: masked statistics, KL estimators, GAE, generation, log-probs (chunked or
 not), per-phase time and memory probes, mixed precision, and the PPO update with gradient accumulation.
 dvpo.py and ppo_baseline.py import these (through loop.py's shared loop), so the two trainers differ only
-where the algorithms differ. Numbers like §5.2 refer to DVPO.md.
+where the algorithms differ. Numbers like §5.2 refer to docs/DVPO.md.
 """
 import contextlib
 import os
@@ -205,7 +205,7 @@ def in_chunks(fn, r, chunk):
 
 
 def response_state_values(value_model, rollout):
-    """V(s_0 .. s_R) per sample, [B, R + 1]: s_t is read at position P-1+t (DVPO.md §2). The state mask is
+    """V(s_0 .. s_R) per sample, [B, R + 1]: s_t is read at position P-1+t (docs/DVPO.md §2). The state mask is
     1 for t <= T, where T is the response length."""
     return value_model(rollout.input_ids, rollout.attention_mask)[:, rollout.prompt_len - 1:]
 

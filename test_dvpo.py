@@ -363,7 +363,7 @@ def random_rollout_tensors(B=4, R=7, seed=0):
 
 
 def released_closed_form(v, r, T, lam):
-    """DVPO.md §3 (gamma = 1): A_t = -V_t + (1-lam) sum_{k>=1} lam^{k-1} V_{t+k} + sum_l lam^l r_{t+l}, V_T := 0."""
+    """docs/DVPO.md §3 (gamma = 1): A_t = -V_t + (1-lam) sum_{k>=1} lam^{k-1} V_{t+k} + sum_l lam^l r_{t+l}, V_T := 0."""
     v = v[:T] + [0.0]
     return [-v[t] + (1 - lam) * sum(lam ** (k - 1) * v[t + k] for k in range(1, T - t + 1))
             + sum(lam ** l * r[t + l] for l in range(T - t)) for t in range(T)]

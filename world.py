@@ -1,7 +1,7 @@
 """The embedded offline world: every script's default when no hub is reachable.
 
 A seeded, deterministic stand-in for "a pretrained LM plus human preference data" (Gao et al. 2022; the DPO
-paper's IMDB setup, DVPO.md §6):
+paper's IMDB setup, docs/DVPO.md §6):
   corpus     short movie reviews from a small grammar (negation, intensifiers, "but" contrast), built from
              words that VADER's lexicon knows, so sentiment depends on how tokens interact;
   tokenizer  word-level, `tokenizers` wrapped as a transformers fast tokenizer, distinct BOS/EOS/PAD;
