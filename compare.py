@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import gvm
+import loop
 import ppo_baseline
 import runtime
 import world
@@ -31,23 +32,23 @@ PHASES = ("generate", "score", "update")
 @dataclass
 class Args:
     root: str = arg("ckpt/bench", "folder for the benchmark world, the value models and every run")
-    hidden: int = arg(128, "width of the benchmark world's Llama (the model-state share of memory grows with it)")
-    layers: int = arg(4, "layers of the benchmark world's Llama")
-    heads: int = arg(4, "attention heads of the benchmark world's Llama")
-    sft_steps: int = arg(600, "SFT steps of the benchmark world")
-    sft_lr: float = arg(2e-3, "SFT learning rate of the benchmark world")
+    hidden: int = arg(128, "width of the benchmark world's Llama (the model-state share of memory grows with it)", ">= 1")
+    layers: int = arg(4, "layers of the benchmark world's Llama", ">= 1")
+    heads: int = arg(4, "attention heads of the benchmark world's Llama", ">= 1")
+    sft_steps: int = arg(600, "SFT steps of the benchmark world", ">= 1")
+    sft_lr: float = arg(2e-3, "SFT learning rate of the benchmark world", "> 0")
     seeds: str = arg("0,1,2", "comma-separated seeds; each runs DVPO then PPO")
-    steps: int = arg(100, "RL steps of every run")
-    batch_size: int = arg(64, "prompts per RL step")
-    minibatch_size: int = arg(16, "responses per PPO minibatch")
-    value_epochs: int = arg(3, "epochs of GVM and reward-model training (the same for both)")
-    eval_n: int = arg(500, "held-out prompts of each run's evaluations")
+    steps: int = arg(100, "RL steps of every run", ">= 1")
+    batch_size: int = arg(64, "prompts per RL step", ">= 1")
+    minibatch_size: int = arg(16, "responses per PPO minibatch", ">= 1")
+    value_epochs: int = arg(3, "epochs of GVM and reward-model training (the same for both)", ">= 1")
+    eval_n: int = arg(500, "held-out prompts of each run's evaluations", ">= 1")
     extra: str = arg("", "more flags for both dvpo.py and ppo_baseline.py, e.g. '--dtype bf16 --micro-batch-size 4'")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     json: str = arg("", "results file; empty: <root>/compare.json")
     analytic: str = arg("", "only print the analytic memory of DVPO and PPO for this model (config folder or hub name)")
-    response_len: int = arg(256, "with --analytic: response tokens, for the logits and KV-cache rows")
-    prompt_len: int = arg(512, "with --analytic: prompt tokens, for the KV-cache row")
+    response_len: int = arg(256, "with --analytic: response tokens, for the logits and KV-cache rows", ">= 1")
+    prompt_len: int = arg(512, "with --analytic: prompt tokens, for the KV-cache row", ">= 1")
 
 
 def bench_world(args):
@@ -224,10 +225,18 @@ def analytic_memory(args):
 def compare(args: Args):
     if args.analytic:
         return analytic_memory(args)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if not seeds or min(args.steps, args.batch_size, args.minibatch_size, args.eval_n, args.value_epochs) < 1:
-        raise UsageError("--seeds must name at least one seed; --steps, --batch-size, --minibatch-size, --eval-n "
-                         "and --value-epochs must be at least 1")
+    runtime.check_args(args)
+    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise UsageError(f"--seeds {args.seeds}: name seeds as comma-separated whole numbers, e.g. 0,1,2")
+    try:
+        extra = shlex.split(args.extra)
+    except ValueError as e:
+        raise UsageError(f"--extra {args.extra}: {e}") from None
+    runtime.parse_args(loop.RLArgs, extra)  # an unknown or malformed flag stops here, not after the world is built
+    path = args.json or os.path.join(args.root, "compare.json")
+    runtime.check_writable(args.root, "--root")
+    runtime.check_output_file(path, "--json")
     device = runtime.pick_device(args.device)
     t0 = time.time()
     paths = bench_world(args)
@@ -235,7 +244,7 @@ def compare(args: Args):
     common = ["--policy", paths["sft"], "--prompts", paths["prompts"], "--eval-prompts", paths["prompts_eval"],
               "--eval-n", str(args.eval_n), "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 4)),
               "--batch-size", str(args.batch_size), "--minibatch-size", str(args.minibatch_size),
-              "--table-every", str(10 ** 9), "--device", str(device), *shlex.split(args.extra)]
+              "--table-every", str(10 ** 9), "--device", str(device), *extra]
     runs = {"dvpo": [], "ppo": []}
     for seed in seeds:  # back to back, so that both methods meet the same machine load
         for method, script, extra in (("dvpo", "dvpo.py", ["--gvm", os.path.join(args.root, "gvm")]),
@@ -252,10 +261,7 @@ def compare(args: Args):
     print("\n" + table)
     results = {**res, "value_models": {k: {kk: v for kk, v in s.items() if kk != "args"} for k, s in vm.items()},
                "device": device_name, "wall_seconds": time.time() - t0, "args": asdict(args), "table": table}
-    path = args.json or os.path.join(args.root, "compare.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    runtime.write_json(path, results)
     png = plot(res, os.path.splitext(path)[0] + ".png")
     print(f"\nwrote {path}" + (f" and {png}" if png else " (pip install matplotlib for the gold-vs-KL plot)"))
     return results

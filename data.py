@@ -11,6 +11,7 @@ any preference rows above (their prompt part, so RL prompts are encoded exactly 
 A prompt that is a message list goes through the tokenizer's chat template with the generation prompt
 appended; a string prompt is tokenized as it is (TRL's rule). Responses are the assistant's text + EOS.
 """
+import collections
 import hashlib
 import json
 import os
@@ -38,48 +39,76 @@ def tokenizer_fingerprint(tok):
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
 
 
-def load_pretrained(name, flag="--policy", causal_lm=True, dtype=torch.float32):
-    """Any Hugging Face causal LM (local folder or hub name) in `dtype`, with its tokenizer, a pad token
-    that is not EOS (§5.1) and dropout off (§5.4); causal_lm=False gives the headless backbone (AutoModel)
-    that value models sit on."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+def from_pretrained(load, name, flag, what):
+    """load(name), with a missing folder, an unreachable hub or a damaged file as one line naming it."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     if not os.path.isdir(name) and looks_local(name):
         raise UsageError(f"{flag} {name}: no such folder")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = (AutoModelForCausalLM if causal_lm else AutoModel).from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as e:
+        return load(name)
+    except Exception as e:  # OSError, ValueError, safetensors' and json's errors on a truncated file alike
         where = "the folder" if os.path.isdir(name) else "no such folder, and the hub"
-        raise UsageError(f"{flag} {name}: {where} gave no model ({str(e).splitlines()[0][:160]})") from None
+        raise UsageError(f"{flag} {name}: {where} gave no {what} ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:160]})") from None
+
+
+def load_tokenizer(name, flag="--policy"):
+    """A Hugging Face tokenizer with a pad token that is not EOS (§5.1): its UNK token when that differs from
+    EOS, else a new PAD_TOKEN (load_model grows the embeddings for it). Cheap: load it first to check data."""
+    from transformers import AutoTokenizer
+    tok = from_pretrained(AutoTokenizer.from_pretrained, name, flag, "tokenizer")
     if tok.eos_token_id is None:
         raise UsageError(f"{flag} {name}: the tokenizer has no EOS token")
-    ensure_pad(tok, model)
-    return disable_dropout(model), tok
-
-
-def ensure_pad(tok, model):
-    """§5.1: pad != EOS, or masking padding would also mask the EOS the policy must learn to emit. A
-    tokenizer without such a pad token gets its UNK token when that differs from EOS, else a new PAD_TOKEN;
-    the embedding matrix grows only when the new id does not fit in the rows it has. A grown row is the mean
-    of the existing rows, not a random draw, so every copy of a model (policy, reference, a resumed run) gets
-    the same one; the new token stays out of sampling and of the softmax (suppressed_ids)."""
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
         else:
             tok.add_special_tokens({"pad_token": PAD_TOKEN})
-            n = model.get_input_embeddings().num_embeddings
-            if len(tok) > n:
-                model.resize_token_embeddings(len(tok), mean_resizing=False)
-                with torch.no_grad():
-                    for emb in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
-                        emb.weight[n:] = emb.weight[:n].mean(0)
+    return tok
+
+
+def position_limit(name, flag="--policy"):
+    """The most positions the model's config allows (max_position_embeddings, n_positions, ...); 0 if it names none."""
+    from transformers import AutoConfig
+    config = from_pretrained(AutoConfig.from_pretrained, name, flag, "config")
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 0
+
+
+def load_model(name, tok, flag="--policy", causal_lm=True, dtype=torch.float32):
+    """Any Hugging Face causal LM (local folder or hub name) in `dtype`, fitted to load_tokenizer's pad token
+    and with dropout off (§5.4); causal_lm=False gives the headless backbone (AutoModel) value models sit on."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    model = from_pretrained(lambda n: auto.from_pretrained(n, dtype=dtype), name, flag, "model")
+    grow_for_pad(tok, model)
+    return disable_dropout(model)
+
+
+def load_pretrained(name, flag="--policy", causal_lm=True, dtype=torch.float32):
+    """load_tokenizer and load_model: (model, tokenizer)."""
+    tok = load_tokenizer(name, flag)
+    return load_model(name, tok, flag, causal_lm, dtype), tok
+
+
+def grow_for_pad(tok, model):
+    """§5.1: pad != EOS, or masking padding would also mask the EOS the policy must learn to emit. The
+    embedding matrix grows only when load_tokenizer added a pad token whose id does not fit in the rows the
+    model has. A grown row is the mean of the existing rows, not a random draw, so every copy of a model
+    (policy, reference, a resumed run) gets the same one; the new token stays out of sampling and of the
+    softmax (suppressed_ids)."""
+    n = model.get_input_embeddings().num_embeddings
+    if len(tok) > n:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+                emb.weight[n:] = emb.weight[:n].mean(0)
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    return tok
 
 
 def eos_ids(tok, model):
@@ -207,11 +236,33 @@ def load_rows(path, split="train", flag="--data"):
     except UsageError:
         raise
     except Exception as e:  # datasets wraps parse errors in several exception types
-        raise UsageError(f"{flag} {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UsageError(f"{flag} {path}: cannot read it ({bad_json_line(path) or type(e).__name__ + ': ' + (str(e).splitlines() or [''])[0][:200]})") from None
     rows = list(ds)
     if not rows:
         raise UsageError(f"{flag} {path}: no rows")
     return rows
+
+
+def bad_json_line(path):
+    """'row N is not valid JSON (...)' for the first line of a JSON-lines file that does not parse; '' if every
+    line parses or the file is not JSON lines (a whole-file JSON array)."""
+    if not os.path.isfile(path) or path.rsplit(".", 1)[-1].lower() not in ("json", "jsonl"):
+        return ""
+    with open(path, errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+            return ""
+        except ValueError as e:
+            return f"not valid JSON: {e}"
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except ValueError as e:
+            return f"row {i} is not valid JSON: {e}"
+    return ""
 
 
 class BadRow(Exception):
@@ -219,7 +270,8 @@ class BadRow(Exception):
 
 
 class TooLong(Exception):
-    """A prompt over --max-prompt-len: dropped and counted, not an error."""
+    """A row over a length limit, the message saying which ("prompt exceeds --max-prompt-len 256 tokens"):
+    dropped and counted, or under --strict an error."""
 
 
 class Rows(list):
@@ -348,33 +400,39 @@ def response_ids(tok, response):
     return tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def encode_prompt(tok, prompt, max_prompt_len):
+def encode_prompt(tok, prompt, max_prompt_len, room=None):
+    """A prompt's ids; TooLong over --max-prompt-len or, with room = (the model's positions, --max-new-tokens),
+    when it leaves the response fewer positions than --max-new-tokens."""
     ids = prompt_ids(tok, prompt)
     if not ids:
         raise BadRow("the prompt has no tokens and the tokenizer adds no BOS")
     if max_prompt_len and len(ids) > max_prompt_len:
-        raise TooLong
+        raise TooLong(f"prompt exceeds --max-prompt-len {max_prompt_len} tokens")
+    if room and room[0] and len(ids) + room[1] > room[0]:
+        raise TooLong(f"prompt leaves fewer than --max-new-tokens {room[1]} of the model's {room[0]} positions")
     return ids
 
 
-def encode_all(items, encode, where, max_prompt_len, strict):
-    """encode(item) for each item, dropping (with a printed count) prompts over --max-prompt-len, and
-    reporting items it cannot encode as keep_good_rows does."""
-    too_long = []
+def encode_all(items, encode, where, strict):
+    """encode(item) for each item. Items over a length limit (TooLong) are dropped with a printed count, or
+    stop the run under --strict; items it cannot encode are reported as keep_good_rows does."""
+    dropped = collections.Counter()
 
     def one(item):
         try:
             return encode(item)
-        except TooLong:
-            too_long.append(item)
+        except TooLong as e:
+            if strict:
+                raise BadRow(f"its {e}") from None
+            dropped[str(e)] += 1
             return None
 
     out = [x for x in keep_good_rows(items, one, where, strict) if x is not None]
-    if too_long:
-        print(f"{where}: dropped {len(too_long)} of {len(items)} rows whose prompt exceeds --max-prompt-len "
-              f"{max_prompt_len} tokens", flush=True)
+    shown = "; ".join(f"{n} whose {why}" for why, n in dropped.items())
     if not out:
-        raise UsageError(f"{where}: every prompt exceeds --max-prompt-len {max_prompt_len}")
+        raise UsageError(f"{where}: every row was dropped ({shown})")
+    if dropped:
+        print(f"{where}: dropped {sum(dropped.values())} of {len(items)} rows: {shown}", flush=True)
     return out
 
 
@@ -385,13 +443,13 @@ def load_pairs(path, split, flag, strict=False):
     return keep_good_rows(rows, normalise_pair, f"{flag} {path}", strict)
 
 
-def load_prompts(path, split, flag, tok, max_prompt_len=0, strict=False):
-    """Prompts and their token ids, [(prompt, ids)]: prompts over max_prompt_len tokens dropped and counted."""
+def load_prompts(path, split, flag, tok, max_prompt_len=0, strict=False, room=None):
+    """Prompts and their token ids, [(prompt, ids)]: prompts over max_prompt_len tokens, or leaving the
+    response less than room = (positions, max_new_tokens), dropped and counted (encode_prompt)."""
     rows = load_rows(path, split, flag)
     check_columns(rows, path, flag, [("prompt",), ("messages",), ("chosen", "rejected")])
     prompts = keep_good_rows(rows, normalise_prompt, f"{flag} {path}", strict)
-    return encode_all(prompts, lambda p: (p, encode_prompt(tok, p, max_prompt_len)), f"{flag} {path}",
-                      max_prompt_len, strict)
+    return encode_all(prompts, lambda p: (p, encode_prompt(tok, p, max_prompt_len, room)), f"{flag} {path}", strict)
 
 
 def show(prompt):

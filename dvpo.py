@@ -88,10 +88,9 @@ def load_gvm(args, tok, device, dtype):
     """The frozen GVM in --dtype, checked to share the policy's tokenizer and chat template."""
     if not os.path.isdir(args.gvm):
         raise UsageError(f"--gvm {args.gvm}: no such folder (train one first: python gvm.py --out {args.gvm})")
-    value_model, _, meta = gvm.load_value_model(args.gvm, device, dtype=dtype)
-    value_model.requires_grad_(False).eval()  # §3: frozen for real
-    gvm.check_tokenizer(meta, tok, f"--gvm {args.gvm}", args.policy, "python gvm.py --model")
-    return value_model
+    gvm.check_tokenizer(gvm.read_meta(args.gvm), tok, f"--gvm {args.gvm}", args.policy, "python gvm.py --model")
+    value_model, _, _ = gvm.load_value_model(args.gvm, device, dtype=dtype)
+    return value_model.requires_grad_(False).eval()  # §3: frozen for real
 
 
 def train(args: Args):
@@ -101,8 +100,9 @@ def train(args: Args):
     device = runtime.pick_device(args.device)
     prec = rollout.Precision(args.dtype, device)
     runtime.seed_everything(args.seed)
-    policy, ref, tok, prompts, eval_prompts = loop.load_rl_models(args, device, prec)
+    tok, prompts, eval_prompts = loop.load_rl_data(args)
     critic = FrozenGVM(args, load_gvm(args, tok, device, prec.dtype))
+    policy, ref = loop.load_rl_models(args, tok, device, prec)
     return loop.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device, prec)
 
 

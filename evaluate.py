@@ -8,7 +8,6 @@ gets KL 0 and win rate 0.5 exactly.
     python evaluate.py ckpt/sft ckpt/dvpo
     python evaluate.py ckpt/sft ckpt/dvpo --gvm ckpt/gvm --json ckpt/eval.json
 """
-import json
 import math
 import os
 import sys
@@ -31,18 +30,18 @@ class Args:
     ref: str = arg("", "reference policy for the KL; empty: the first policy")
     prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts, any shape data.py reads; the default is the world's")
     split: str = arg("train", "split to read when --prompts or --pairs is a hub dataset or a DatasetDict folder")
-    max_prompt_len: int = arg(256, "prompts longer than this many tokens (after the chat template) are dropped, with a count")
+    max_prompt_len: int = arg(256, "prompts longer than this many tokens (after the chat template) are dropped, with a count", ">= 0")
     strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
-    n_prompts: int = arg(0, "use only the first N prompts (0: all)")
-    samples_per_prompt: int = arg(1, "responses sampled per prompt")
-    batch_size: int = arg(250, "prompts per generate() call")
-    max_new_tokens: int = arg(48, "sampling budget per response")
-    temperature: float = arg(1.0, "sampling temperature (log-probs and KL use the same temperature)")
+    n_prompts: int = arg(0, "use only the first N prompts (0: all)", ">= 0")
+    samples_per_prompt: int = arg(1, "responses sampled per prompt", ">= 1")
+    batch_size: int = arg(250, "prompts per generate() call", ">= 1")
+    max_new_tokens: int = arg(48, "sampling budget per response", ">= 1")
+    temperature: float = arg(1.0, "sampling temperature (log-probs and KL use the same temperature)", "> 0")
     gvm: str = arg("", "a GVM checkpoint: report its held-out pairwise accuracy and print per-token values")
-    pairs: str = arg(world.PAIRS_EVAL, "held-out preference pairs for --gvm's accuracy")
-    show_values: int = arg(3, "with --gvm: responses of the last policy printed token by token with V(s_t)")
+    pairs: str = arg("", "held-out preference pairs for --gvm's accuracy; empty: the held-out pairs of the world the GVM was trained on, if it was")
+    show_values: int = arg(3, "with --gvm: responses of the last policy printed token by token with V(s_t)", ">= 0")
     json: str = arg("", "also write the results to this JSON file")
-    seed: int = arg(0, "sampling seed, the same for every policy")
+    seed: int = arg(0, "sampling seed, the same for every policy", "[0, 4294967295]")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
 
 
@@ -122,28 +121,49 @@ def print_token_values(value_model, tok, prompts, texts, k):
             print(f"  {tok.convert_ids_to_tokens(tid):>12} V = {v[t + 1]:+.3f}  ({v[t + 1] - v[t]:+.3f})")
 
 
+def gvm_pairs(args, meta):
+    """--pairs, or, for a GVM trained on a world's pairs, that world's held-out pairs; else none."""
+    if args.pairs:
+        return args.pairs
+    trained_on = meta.get("data", "")
+    held_out = os.path.join(os.path.dirname(trained_on), os.path.basename(world.PAIRS_EVAL))
+    return held_out if trained_on and world.is_world_data(trained_on) and os.path.isfile(held_out) else ""
+
+
 def run(args: Args):
+    runtime.check_args(args)
     if not args.policies:
         raise UsageError("name at least one policy, e.g. python evaluate.py ckpt/sft ckpt/dvpo")
-    if args.samples_per_prompt < 1 or args.batch_size < 1 or args.n_prompts < 0:
-        raise UsageError("--samples-per-prompt and --batch-size must be at least 1, --n-prompts at least 0")
+    if args.json:
+        runtime.check_output_file(args.json, "--json")
     device = runtime.pick_device(args.device)
-    if args.prompts == world.PROMPTS_EVAL or (args.gvm and args.pairs == world.PAIRS_EVAL):
+    if args.prompts == world.PROMPTS_EVAL:
         world.ensure_world()
-    ref, ref_tok = data.load_pretrained(args.ref or args.policies[0], "--ref" if args.ref else "policy")
-    ref.to(device).eval()
-    prompts = data.load_prompts(args.prompts, args.split, "--prompts", ref_tok, args.max_prompt_len, args.strict)
+    first = args.ref or args.policies[0]
+    ref_tok = data.load_tokenizer(first, "--ref" if args.ref else "policy")
+    positions = data.position_limit(first, "--ref" if args.ref else "policy")
+    if positions and args.max_new_tokens >= positions:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: {first} has only {positions} positions")
+    prompts = data.load_prompts(args.prompts, args.split, "--prompts", ref_tok, args.max_prompt_len, args.strict,
+                                (positions, args.max_new_tokens))
     prompts = (prompts[:args.n_prompts] if args.n_prompts else prompts) * args.samples_per_prompt
-    value_model = None
+    value_model, samples = None, []
     if args.gvm:
-        value_model, _, _ = gvm.load_value_model(args.gvm, device)
-        value_model.eval()
+        meta = gvm.read_meta(args.gvm)
+        gvm.check_tokenizer(meta, ref_tok, f"--gvm {args.gvm}", first, "python gvm.py --model")
+        pairs_path = gvm_pairs(args, meta)
+        if pairs_path:
+            pairs = data.load_pairs(pairs_path, args.split, "--pairs", args.strict)
+            samples = gvm.pair_samples(pairs, ref_tok, 10 ** 9, f"--pairs {pairs_path}", args.max_prompt_len,
+                                       args.strict, data.position_limit(args.gvm, "--gvm"))
+        value_model = gvm.load_value_model(args.gvm, device)[0].eval()
+    ref = data.load_model(first, ref_tok, "--ref" if args.ref else "policy").to(device).eval()
     results, scored = [], {}
     for name in args.policies:
-        policy, tok = data.load_pretrained(name, "policy")
+        tok = data.load_tokenizer(name, "policy")
         if data.tokenizer_fingerprint(tok) != data.tokenizer_fingerprint(ref_tok):
             raise UsageError(f"policy {name}: its tokenizer differs from the reference's; KL needs shared token ids")
-        policy.to(device).eval()
+        policy = data.load_model(name, tok, "policy").to(device).eval()
         runtime.seed_everything(args.seed)
         scored[name] = score_policy(policy, ref, tok, prompts, args.batch_size, args.max_new_tokens,
                                     args.temperature, value_model)
@@ -152,23 +172,22 @@ def run(args: Args):
         print(f"{name}: gold {results[-1]['gold']:+.3f} ± {results[-1]['gold_ci95']:.3f}, "
               f"KL {results[-1]['kl']:.2f}", file=sys.stderr, flush=True)
     print(f"\n{len(prompts)} held-out samples per policy from {args.prompts}, KL against "
-          f"{args.ref or args.policies[0]}, temperature {args.temperature}\n")
+          f"{first}, temperature {args.temperature}\n")
     print(markdown_table(results))
     report = {"results": results, "args": asdict(args)}
     if args.gvm:
-        pairs = data.load_pairs(args.pairs, args.split, "--pairs", args.strict)
-        samples = gvm.pair_samples(pairs, ref_tok, 512, f"--pairs {args.pairs}", args.max_prompt_len, args.strict)
-        acc = gvm.pairwise_accuracy(value_model, samples, ref_tok.pad_token_id, device)
-        report["gvm"] = {"path": args.gvm, **acc}
-        print(f"\nGVM {args.gvm}: held-out pairwise accuracy {acc['eval/pairwise_acc_final']:.3f} (final value), "
-              f"{acc['eval/pairwise_acc_mean']:.3f} (mean value) on {len(pairs)} pairs of {args.pairs}")
+        if samples:
+            acc = gvm.pairwise_accuracy(value_model, samples, ref_tok.pad_token_id, device)
+            report["gvm"] = {"path": args.gvm, "pairs": pairs_path, **acc}
+            print(f"\nGVM {args.gvm}: held-out pairwise accuracy {acc['eval/pairwise_acc_final']:.3f} (final value), "
+                  f"{acc['eval/pairwise_acc_mean']:.3f} (mean value) on {len(samples) // 2} pairs of {pairs_path}")
+        else:
+            print(f"\nGVM {args.gvm}: no held-out pairs for its accuracy (it was not trained on a world's pairs; "
+                  "name them with --pairs)")
         last = scored[args.policies[-1]]
         print_token_values(value_model, ref_tok, [p for p, _ in prompts], last["texts"], args.show_values)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        runtime.write_json(args.json, report)
     return report
 
 

@@ -33,26 +33,27 @@ class Args:
     eval_data: str = arg("", "held-out pairs; empty: the world's held-out pairs for the default --data, else --eval-frac of --data")
     split: str = arg("train", "split to read when --data is a hub dataset or a DatasetDict folder")
     eval_split: str = arg("", "split of --eval-data; empty: --split")
-    max_prompt_len: int = arg(256, "pairs whose prompt is longer than this many tokens (after the chat template) are dropped, with a count")
+    max_prompt_len: int = arg(256, "pairs whose prompt is longer than this many tokens (after the chat template) are dropped, with a count", ">= 0")
     strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
-    eval_frac: float = arg(0.05, "fraction of --data held out when --eval-data is empty and --data is not the world's")
+    eval_frac: float = arg(0.05, "fraction of --data held out when --eval-data is empty and --data is not the world's", "(0, 1)")
     out: str = arg("ckpt/gvm", "output folder: backbone, head, tokenizer, value_model.json, metrics.jsonl, summary.json")
-    lam: float = arg(0.95, "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap")
-    gamma: float = arg(1.0, "discount of the return-to-go")
-    epochs: int = arg(3, "passes over the training pairs")
-    max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
-    batch_size: int = arg(32, "samples per optimizer step (a pair gives two samples)")
-    micro_batch_size: int = arg(0, "samples per forward/backward; gradients accumulate over --batch-size (0: the whole batch)")
+    lam: float = arg(0.95, "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap", "[0, 1]")
+    gamma: float = arg(1.0, "discount of the return-to-go", "(0, 1]")
+    epochs: int = arg(3, "passes over the training pairs", ">= 1")
+    max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)", ">= -1")
+    batch_size: int = arg(32, "samples per optimizer step (a pair gives two samples)", ">= 1")
+    micro_batch_size: int = arg(0, "samples per forward/backward; gradients accumulate over --batch-size (0: the whole batch)", ">= 0")
     dtype: str = arg("fp32", "fp32 | bf16 | fp16: weights stay fp32, forward and backward run under autocast in this dtype")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward instead of storing them")
-    lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0")
-    warmup_steps: int = arg(20, "steps of linear learning-rate warmup")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_len: int = arg(512, "longest prompt+response in tokens; prompts are cut from the left, then responses from the right")
-    log_every: int = arg(20, "steps between printed and logged training lines")
-    eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)")
-    eval_batch_size: int = arg(128, "samples per forward pass during evaluation")
-    seed: int = arg(0, "seed for python, numpy and torch")
+    lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
+    pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
+    warmup_steps: int = arg(20, "steps of linear learning-rate warmup", ">= 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
+    max_len: int = arg(512, "pairs with a prompt + response longer than this many tokens (or than the model's positions) are dropped, with a count", ">= 2")
+    log_every: int = arg(20, "steps between printed and logged training lines", ">= 1")
+    eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)", ">= 1")
+    eval_batch_size: int = arg(128, "samples per forward pass during evaluation", ">= 1")
+    seed: int = arg(0, "seed for python, numpy and torch", "[0, 4294967295]")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
 
 
@@ -92,19 +93,34 @@ def save_value_model(model, tok, folder, meta):
         json.dump({**meta, "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)}, f, indent=2)
 
 
+def read_meta(folder, kind="gvm", flag="--gvm"):
+    """value_model.json of a checkpoint written by save_value_model, checked to be of this kind."""
+    path = os.path.join(folder, META_FILE)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {folder}: no such folder")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {folder}: not a {kind} checkpoint (no {META_FILE})")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise UsageError(f"{flag} {path}: damaged ({e})") from None
+    if meta.get("kind") != kind:
+        raise UsageError(f"{flag} {folder}: holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
+    return meta
+
+
 def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch.float32):
     """Load a checkpoint written by save_value_model: (ValueModel, tokenizer, meta). Later stages use this."""
     from safetensors.torch import load_file
-    meta_path = os.path.join(folder, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise UsageError(f"{flag} {folder}: not a {kind} checkpoint (no {META_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("kind") != kind:
-        raise UsageError(f"{flag} {folder}: holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
+    meta = read_meta(folder, kind, flag)
     backbone, tok = load_backbone(folder, flag, dtype)
     model = ValueModel(backbone)
-    model.head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
+    head = os.path.join(folder, HEAD_FILE)
+    try:
+        model.head.load_state_dict(load_file(head))
+    except Exception as e:  # missing, truncated or of another shape
+        raise UsageError(f"{flag} {head}: damaged or missing ({type(e).__name__})") from None
     return model.to(device), tok, meta
 
 
@@ -116,22 +132,25 @@ def check_tokenizer(meta, tok, where, policy, hint):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def encode(tok, prompt, response, max_len, max_prompt_len=0):
-    """(prompt ids, response ids + EOS), encoded as the RL scripts encode them (data.py). A prompt over
-    max_prompt_len raises data.TooLong; past max_len, the prompt is cut from the left, then the response
-    from the right."""
-    p = data.encode_prompt(tok, prompt, max_prompt_len)
-    r = data.response_ids(tok, response)[:max_len - 1]
-    return p[-(max_len - len(r)):], r
+def encode(tok, prompt, response, max_len, max_prompt_len=0, positions=0):
+    """(prompt ids, response ids + EOS), encoded as the RL scripts encode them (data.py). data.TooLong for a
+    prompt over max_prompt_len, or a prompt + response over max_len tokens or the model's positions: a cut
+    response would lose its EOS and be valued as a complete one."""
+    p, r = data.encode_prompt(tok, prompt, max_prompt_len), data.response_ids(tok, response)
+    if len(p) + len(r) > max_len:
+        raise data.TooLong(f"prompt + response exceed --max-len {max_len} tokens")
+    if positions and len(p) + len(r) > positions:
+        raise data.TooLong(f"prompt + response exceed the model's {positions} positions")
+    return p, r
 
 
-def pair_samples(pairs, tok, max_len, where, max_prompt_len=0, strict=False):
+def pair_samples(pairs, tok, max_len, where, max_prompt_len=0, strict=False, positions=0):
     """Two samples per (prompt, chosen, rejected): (prompt ids, response ids, label), chosen -> +1 first."""
     def both(pair):
         prompt, chosen, rejected = pair
-        return [(*encode(tok, prompt, chosen, max_len, max_prompt_len), 1.0),
-                (*encode(tok, prompt, rejected, max_len, max_prompt_len), -1.0)]
-    return [s for two in data.encode_all(pairs, both, where, max_prompt_len, strict) for s in two]
+        return [(*encode(tok, prompt, chosen, max_len, max_prompt_len, positions), 1.0),
+                (*encode(tok, prompt, rejected, max_len, max_prompt_len, positions), -1.0)]
+    return [s for two in data.encode_all(pairs, both, where, strict) for s in two]
 
 
 def collate(samples, pad_id):
@@ -212,16 +231,14 @@ def pairwise_accuracy(model, samples, pad_id, device, batch_size=128):
 def load_data(args):
     """Training rows and held-out rows, with the file names used in messages."""
     default_data = args.data == world.PAIRS_TRAIN
-    if default_data or args.model == world.SFT_DIR:
+    if default_data:
         world.ensure_world()
-    train = data.load_pairs(args.data, args.split, "--data", args.strict)
+    train = data.load_pairs(args.data, args.split, "--data", args.strict)  # bad data fails before any world is built
     if args.eval_data:
         held = data.load_pairs(args.eval_data, args.eval_split or args.split, "--eval-data", args.strict)
         return train, held, f"--eval-data {args.eval_data}"
     if default_data:
         return train, data.load_pairs(world.PAIRS_EVAL, "train", "--eval-data", args.strict), f"--eval-data {world.PAIRS_EVAL}"
-    if not 0 < args.eval_frac < 1:
-        raise UsageError(f"--eval-frac {args.eval_frac}: must lie in (0, 1) when --eval-data is empty")
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
     n_eval = max(1, int(len(train) * args.eval_frac))
@@ -231,11 +248,14 @@ def load_data(args):
 
 
 class TDObjective:
-    """The GVM's objective (§2): 1/2 MSE against TD(lambda) return-to-go targets with +-1 terminal labels."""
-    kind, pair_batches = "gvm", False
+    """The GVM's objective (§2): 1/2 MSE against TD(lambda) return-to-go targets with +-1 terminal labels.
+    A pair's two samples share a batch (--pair-batches): the same loss, but its gradient along what the two
+    share, the prompt, whose targets are +1 and -1, cancels within the batch instead of adding noise. Under
+    label noise this decides whether the GVM learns at all (README, Label noise)."""
+    kind = "gvm"
 
     def __init__(self, args):
-        self.args = args
+        self.args, self.pair_batches = args, args.pair_batches
 
     def loss(self, values, batch):
         # targets from the current model without gradient; dropout is off, so the detached values of this
@@ -289,23 +309,24 @@ def train(args: Args, objective=None):
     """Train a value model on preference pairs. The objective defaults to the GVM's; the PPO baseline passes
     its Bradley-Terry reward-model objective, so both models see the same data through the same loop."""
     objective = objective or TDObjective(args)
-    for name in ("epochs", "batch_size", "max_len", "log_every", "eval_every", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.micro_batch_size < 0 or args.max_prompt_len < 0:
-        raise UsageError("--micro-batch-size and --max-prompt-len must be at least 0")
+    runtime.check_args(args)
+    if args.max_steps == 0:
+        raise UsageError("--max-steps 0: must be -1 (all epochs) or at least 1")
     if objective.pair_batches and (args.batch_size % 2 or args.micro_batch_size % 2):
         raise UsageError("--batch-size and --micro-batch-size must be even: a pair's two samples stay together")
-    if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1):
-        raise UsageError("--lam must lie in [0, 1] and --gamma in (0, 1]")
+    runtime.check_output_dir(args.out)
     device = runtime.pick_device(args.device)
     prec = Precision(args.dtype, device)
     runtime.seed_everything(args.seed)
     train_rows, eval_rows, eval_name = load_data(args)
-    backbone, tok = load_backbone(args.model)
-    pad_id = tok.pad_token_id  # masked everywhere; data.ensure_pad makes it differ from EOS
-    train_samples = pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len, args.strict)
-    eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name, args.max_prompt_len, args.strict)
+    if args.model == world.SFT_DIR:
+        world.ensure_world()
+    tok, positions = data.load_tokenizer(args.model, "--model"), data.position_limit(args.model, "--model")
+    pad_id = tok.pad_token_id  # masked everywhere; data.load_tokenizer makes it differ from EOS
+    train_samples = pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len,
+                                 args.strict, positions)
+    eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name, args.max_prompt_len, args.strict, positions)
+    backbone = data.load_model(args.model, tok, "--model", causal_lm=False)
     model = ValueModel(backbone).to(device)
     if args.gradient_checkpointing:
         data.enable_checkpointing(backbone)

@@ -30,56 +30,50 @@ class RLArgs:
     eval_prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts for the periodic gold evaluation; empty: none")
     split: str = arg("train", "split to read when a data or prompts path is a hub dataset or a DatasetDict folder")
     eval_split: str = arg("", "split of --eval-prompts (and of --eval-data); empty: --split")
-    max_prompt_len: int = arg(256, "prompts longer than this many tokens (after the chat template) are dropped, with a count")
+    max_prompt_len: int = arg(256, "prompts longer than this many tokens (after the chat template) are dropped, with a count", ">= 0")
     strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
     out: str = arg("ckpt/rl", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
-    lam: float = arg(0.95, "GAE lambda")
-    gamma: float = arg(1.0, "discount")
-    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive")
+    lam: float = arg(0.95, "GAE lambda", "[0, 1]")
+    gamma: float = arg(1.0, "discount", "(0, 1]")
+    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive", ">= 0")
     adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
-    target_kl: float = arg(6.0, "adaptive KL target, nats per sequence")
-    kl_horizon: int = arg(10000, "adaptive KL horizon, in samples")
-    steps: int = arg(100, "RL steps (one batch of prompts each)")
-    batch_size: int = arg(64, "prompts per step, one response each")
-    minibatch_size: int = arg(16, "responses per PPO minibatch (one optimizer step); must divide --batch-size")
-    micro_batch_size: int = arg(0, "responses per forward/backward; gradients accumulate over a minibatch (0: the whole minibatch)")
-    forward_batch_size: int = arg(0, "responses per generate call and per no-grad forward (0: the whole batch)")
-    logprob_chunk: int = arg(0, "token positions per fp32 log-softmax chunk, so [batch, length, vocab] fp32 logits never exist (0: off)")
+    target_kl: float = arg(6.0, "adaptive KL target, nats per sequence", "> 0")
+    kl_horizon: int = arg(10000, "adaptive KL horizon, in samples", ">= 1")
+    steps: int = arg(100, "RL steps (one batch of prompts each)", ">= 1")
+    batch_size: int = arg(64, "prompts per step, one response each", ">= 1")
+    minibatch_size: int = arg(16, "responses per PPO minibatch (one optimizer step); must divide --batch-size", ">= 1")
+    micro_batch_size: int = arg(0, "responses per forward/backward; gradients accumulate over a minibatch (0: the whole minibatch)", ">= 0")
+    forward_batch_size: int = arg(0, "responses per generate call and per no-grad forward (0: the whole batch)", ">= 0")
+    logprob_chunk: int = arg(0, "token positions per fp32 log-softmax chunk, so [batch, length, vocab] fp32 logits never exist (0: off)", ">= 0")
     dtype: str = arg("fp32", "fp32 | bf16 | fp16: frozen models stored in it; trained ones keep fp32 weights under autocast")
     gradient_checkpointing: bool = arg(False, "recompute the trained models' activations in backward instead of storing them")
-    ppo_epochs: int = arg(4, "PPO epochs over each batch")
-    cliprange: float = arg(0.2, "PPO ratio clip epsilon")
-    lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)")
-    max_grad_norm: float = arg(1.0, "gradient-norm clip")
-    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)")
-    max_new_tokens: int = arg(48, "sampling budget per response")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)")
-    eval_every: int = arg(25, "steps between held-out gold evaluations (and one at the start and the end)")
-    eval_n: int = arg(200, "held-out prompts per periodic evaluation")
-    table_every: int = arg(50, "steps between printed tables of prompt, response, gold and the critic's score")
+    ppo_epochs: int = arg(4, "PPO epochs over each batch", ">= 1")
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon", "> 0")
+    lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)", "> 0")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip", "> 0")
+    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)", "> 0")
+    max_new_tokens: int = arg(48, "sampling budget per response", ">= 1")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)", ">= 0")
+    eval_every: int = arg(25, "steps between held-out gold evaluations (and one at the start and the end)", ">= 1")
+    eval_n: int = arg(200, "held-out prompts per periodic evaluation", ">= 1")
+    table_every: int = arg(50, "steps between printed tables of prompt, response, gold and the critic's score", ">= 1")
     gold: str = arg("auto", "vader | none | auto: score responses with the world's gold judge (VADER sentiment); auto: when --prompts lie in a world's data folder, as it means nothing on other data")
-    save_every: int = arg(0, "steps between resumable checkpoints written atomically to --out (0: only the final policy)")
+    save_every: int = arg(0, "steps between resumable checkpoints written atomically to --out (0: only the final policy)", ">= 0")
     resume: bool = arg(False, "continue the run checkpointed in --out (same flags; raise --steps to train longer)")
-    seed: int = arg(0, "seed for python, numpy and torch")
+    seed: int = arg(0, "seed for python, numpy and torch", "[0, 4294967295]")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
 
 
 def validate_rl(args):
-    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "eval_every",
-                 "eval_n", "table_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    for name in ("micro_batch_size", "forward_batch_size", "logprob_chunk", "save_every", "max_prompt_len"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 0")
+    """Every flag of a dvpo.py or ppo_baseline.py run checked before anything loads."""
+    runtime.check_args(args)
     if args.batch_size % args.minibatch_size:
         raise UsageError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
     if args.micro_batch_size and args.minibatch_size % args.micro_batch_size:
         raise UsageError(f"--micro-batch-size {args.micro_batch_size} does not divide --minibatch-size {args.minibatch_size}")
-    if not (0 <= args.lam <= 1 and 0 < args.gamma <= 1 and args.temperature > 0 and args.kl_coef >= 0):
-        raise UsageError("--lam must lie in [0, 1], --gamma in (0, 1], --temperature above 0, --kl-coef at least 0")
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
+    runtime.check_output_dir(args.out)
     if args.resume:
         check_resume(args)
 
@@ -116,23 +110,34 @@ def check_resume(args):
                                                                          if k not in ("resume", "out")))
 
 
-def load_rl_models(args, device, prec):
-    """Policy (trained, fp32; from --out when resuming) and reference (frozen, --dtype) with one tokenizer;
-    the prompt sets, encoded by that tokenizer as [(prompt, ids)]."""
+def load_rl_data(args):
+    """The policy's tokenizer and the prompt sets encoded by it, [(prompt, ids)], read and checked before any
+    model loads. Prompts that leave a response fewer of the model's positions than --max-new-tokens are
+    dropped with a count."""
     if world.SFT_DIR in (args.policy, args.ref) or args.prompts == world.PROMPTS_TRAIN or \
             args.eval_prompts == world.PROMPTS_EVAL:
         world.ensure_world()
-    policy, tok = data.load_pretrained(args.out if args.resume else args.policy, "--policy")
-    ref, ref_tok = data.load_pretrained(args.ref or args.policy, "--ref" if args.ref else "--policy", dtype=prec.dtype)
+    tok = data.load_tokenizer(args.policy, "--policy")
+    positions = data.position_limit(args.policy, "--policy")
+    if positions and args.max_new_tokens >= positions:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: --policy {args.policy} has only {positions} positions")
+    room = (positions, args.max_new_tokens)
+    prompts = data.load_prompts(args.prompts, args.split, "--prompts", tok, args.max_prompt_len, args.strict, room)
+    eval_prompts = data.load_prompts(args.eval_prompts, args.eval_split or args.split, "--eval-prompts", tok,
+                                     args.max_prompt_len, args.strict, room)[:args.eval_n] if args.eval_prompts else []
+    return tok, prompts, eval_prompts
+
+
+def load_rl_models(args, tok, device, prec):
+    """Policy (trained, fp32; from --out when resuming) and reference (frozen, --dtype), both for tok."""
+    if data.tokenizer_fingerprint(data.load_tokenizer(args.ref or args.policy, "--ref")) != data.tokenizer_fingerprint(tok):
+        raise UsageError(f"--ref {args.ref}: its tokenizer differs from the policy's ({args.policy})")
+    policy = data.load_model(args.out if args.resume else args.policy, tok, "--policy")
+    ref = data.load_model(args.ref or args.policy, tok, "--ref" if args.ref else "--policy", dtype=prec.dtype)
     ref.requires_grad_(False).eval()
-    if data.tokenizer_fingerprint(ref_tok) != data.tokenizer_fingerprint(tok):
-        raise UsageError(f"--ref {args.ref or args.policy}: its tokenizer differs from the policy's ({args.policy})")
     if args.gradient_checkpointing:
         data.enable_checkpointing(policy)
-    prompts = data.load_prompts(args.prompts, args.split, "--prompts", tok, args.max_prompt_len, args.strict)
-    eval_prompts = data.load_prompts(args.eval_prompts, args.eval_split or args.split, "--eval-prompts", tok,
-                                     args.max_prompt_len, args.strict)[:args.eval_n] if args.eval_prompts else []
-    return policy.to(device).train(), ref.to(device), tok, prompts, eval_prompts
+    return policy.to(device).train(), ref.to(device)
 
 
 def kl_rewards(kl, mask, ended, beta, missing_eos_penalty=0.0):
@@ -230,7 +235,11 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     records, ev, start, elapsed = [], {}, 0, 0.0
     use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
     if args.resume:
-        st = torch.load(os.path.join(args.out, STATE_FILE), map_location="cpu", weights_only=False)
+        path = os.path.join(args.out, STATE_FILE)
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or empty: zipfile, pickle and EOF errors alike
+            raise UsageError(f"--resume: {path} is damaged ({type(e).__name__}); resume from an earlier copy or start again") from None
         if st["algo"] != algo.name:
             raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {algo.name} one")
         if st["step"] >= args.steps:

@@ -6,6 +6,7 @@ memory: policy and critic (trained, each with its optimizer), reference and rewa
     python ppo_baseline.py                    # stage A into ckpt/rm, then stage B into ckpt/ppo
     python ppo_baseline.py --rm ckpt/rm       # reuse a reward model
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,12 @@ class Args(loop.RLArgs):
     data: str = arg(world.PAIRS_TRAIN, "stage A's preference pairs, the same default as gvm.py's --data")
     eval_data: str = arg("", "stage A's held-out pairs, as gvm.py's --eval-data")
     rm_out: str = arg("ckpt/rm", "stage A's output folder")
-    rm_epochs: int = arg(3, "stage A's passes over the pairs (gvm.py's --epochs)")
-    rm_lr: float = arg(1e-3, "stage A's AdamW learning rate (gvm.py's --lr)")
-    rm_batch_size: int = arg(32, "stage A's samples per step, two per pair (gvm.py's --batch-size)")
-    critic_lr: float = arg(3e-4, "AdamW learning rate of the critic, which has its own optimizer")
-    vf_coef: float = arg(0.1, "coefficient of the critic's clipped value loss")
-    cliprange_value: float = arg(0.2, "clip epsilon of the critic's value change")
+    rm_epochs: int = arg(3, "stage A's passes over the pairs (gvm.py's --epochs)", ">= 1")
+    rm_lr: float = arg(1e-3, "stage A's AdamW learning rate (gvm.py's --lr)", "> 0")
+    rm_batch_size: int = arg(32, "stage A's samples per step, two per pair (gvm.py's --batch-size)", ">= 2")
+    critic_lr: float = arg(3e-4, "AdamW learning rate of the critic, which has its own optimizer", "> 0")
+    vf_coef: float = arg(0.1, "coefficient of the critic's clipped value loss", "> 0")
+    cliprange_value: float = arg(0.2, "clip epsilon of the critic's value change", "> 0")
     out: str = arg("ckpt/ppo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
 
 
@@ -66,6 +67,8 @@ def reward_model_path(args):
     """--rm, or a reward model trained on --data with gvm.py's loop and the Bradley-Terry loss (stage A)."""
     if args.rm:
         return args.rm
+    if args.resume and os.path.isfile(os.path.join(args.rm_out, gvm.META_FILE)):
+        return args.rm_out  # stage A of the run being resumed
     gvm.train(gvm.Args(model=args.policy, data=args.data, eval_data=args.eval_data, split=args.split,
                        eval_split=args.eval_split, max_prompt_len=args.max_prompt_len, strict=args.strict,
                        out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
@@ -76,9 +79,9 @@ def reward_model_path(args):
 
 
 def load_reward_model(path, args, tok, device, dtype):
-    model, _, meta = gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)
-    gvm.check_tokenizer(meta, tok, f"--rm {path}", args.policy, "python ppo_baseline.py --policy")
-    return model
+    gvm.check_tokenizer(gvm.read_meta(path, "reward-model", "--rm"), tok, f"--rm {path}", args.policy,
+                        "python ppo_baseline.py --policy")
+    return gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)[0]
 
 
 # ---------------------------------------------------------------------------------------------- the critic
@@ -146,13 +149,16 @@ class LearnedCritic:
 
 def train(args: Args):
     loop.validate_rl(args)
+    if not args.rm:
+        runtime.check_output_dir(args.rm_out, "--rm-out")
     device = runtime.pick_device(args.device)
     prec = rollout.Precision(args.dtype, device)
     runtime.seed_everything(args.seed)
-    policy, ref, tok, prompts, eval_prompts = loop.load_rl_models(args, device, prec)
+    tok, prompts, eval_prompts = loop.load_rl_data(args)
     path = reward_model_path(args)
     critic = LearnedCritic(args, load_reward_model(path, args, tok, device, prec.dtype),
                            load_reward_model(path, args, tok, device, torch.float32), device)
+    policy, ref = loop.load_rl_models(args, tok, device, prec)
     return loop.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device, prec)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from world import UsageError
+from runtime import UsageError
 
 
 # ---------------------------------------------------------------------------------------------- masked statistics

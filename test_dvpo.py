@@ -261,10 +261,35 @@ def test_gold_judge_reads_negation_and_contrast():
 
 
 def test_label_flip_flips_labels():
-    cfg = world.WorldConfig(bt_beta=1000.0, label_flip=1.0)
+    cfg = world.WorldConfig(bt_beta=1000.0)
     rows = world.label_pairs(["p"] * 3, ["good .", "bad .", "great ."], ["awful .", "nice .", "dull ."],
-                             cfg, random.Random(0))
+                             cfg, random.Random(0), flip=1.0)
     assert all(r["score_chosen"] < r["score_rejected"] for r in rows)
+
+
+@pytest.fixture(scope="session")
+def noisy_world(tmp_path_factory):
+    """A quarter of the default world's pairs, with 25% of the training labels flipped (AlpacaFarm)."""
+    root = tmp_path_factory.mktemp("noisy_world")
+    world.build_world(str(root), world.WorldConfig(seed=7, label_flip=0.25, n_train_prompts=1000, n_eval_prompts=200,
+                                                   sft_steps=400), progress=False)
+    return root
+
+
+def test_a_gvm_learns_from_noisy_labels(noisy_world, tmp_path):
+    """The GVM reads V(s_T) at EOS, a position the SFT model never had to make informative; under 25% flips
+    the +-1 regression's gradient is mostly noise, and with a pair's two samples in different batches the
+    GVM often never leaves the label mean (every V near 0). Kept in one batch (the default), it learns."""
+    def agreement(name):
+        rows = [json.loads(x) for x in (noisy_world / "data" / name).read_text().splitlines()]
+        return sum(r["score_chosen"] > r["score_rejected"] for r in rows) / len(rows)
+
+    assert agreement("pairs_train.jsonl") < 0.75 < 0.85 < agreement("pairs_eval.jsonl")  # held-out labels unflipped
+    for seed in range(3):
+        summary = gvm.train(gvm.Args(model=str(noisy_world / "sft"), data=str(noisy_world / "data" / "pairs_train.jsonl"),
+                                     eval_data=str(noisy_world / "data" / "pairs_eval.jsonl"), epochs=5, seed=seed,
+                                     out=str(tmp_path / f"gvm{seed}")))
+        assert summary["eval/pairwise_acc_final"] > 0.62, (seed, summary["eval/pairwise_acc_final"])
 
 
 # ---------------------------------------------------------------------------------------------- gvm.py end to end
@@ -741,7 +766,7 @@ def test_long_prompts_are_dropped_with_a_count(tiny_policy, tmp_path, capsys):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the plot was"}, {"prompt": "the plot was very very good"}])
     kept = data.load_prompts(path, "train", "--prompts", tok, max_prompt_len=4)
     assert [p for p, _ in kept] == ["the plot was"] and kept[0][1] == tok("the plot was")["input_ids"]
-    assert "dropped 1 of 2 rows whose prompt exceeds --max-prompt-len 4" in capsys.readouterr().out
+    assert "dropped 1 of 2 rows: 1 whose prompt exceeds --max-prompt-len 4 tokens" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- memory knobs
@@ -1408,3 +1433,191 @@ def test_fp16_skips_a_step_on_overflow_and_lowers_the_loss_scale():
     prec.backward(layer(torch.ones(1, 3)).sum())
     prec.step(opt, layer.parameters(), 1.0)
     assert not torch.equal(layer.weight, before)
+
+
+# ---------------------------------------------------------------------------------------------- bad input and faults
+def one_line_error(capsys, call):
+    """call() must exit 2 with one line on stderr, 'error: ...', and no traceback: that line."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_every_numeric_flag_is_checked_before_any_work(tiny_world, tiny_gvm, tmp_path, capsys):
+    import compare
+    import evaluate
+    sft, pairs = str(tiny_world / "sft"), str(tiny_world / "data" / "pairs_train.jsonl")
+    gvm_argv = ["--model", sft, "--data", pairs, "--eval-data", pairs, "--out", str(tmp_path / "out")]
+    cases = [(gvm.main, gvm_argv + flags, message) for flags, message in [
+        (["--lr", "nan"], "--lr nan: must be a finite number"), (["--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--max-len", "1"], "--max-len 1: must be >= 2"), (["--seed", "-1"], "--seed -1: must lie in"),
+        (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"), (["--max-steps", "0"], "--max-steps 0")]]
+    cases += [(dvpo.main, tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", *flags), message) for flags, message in [
+        (["--lr", "-1"], "--lr -1.0: must be > 0"), (["--kl-horizon", "0"], "--kl-horizon 0: must be >= 1"),
+        (["--adaptive-kl", "--target-kl", "0"], "--target-kl 0.0: must be > 0"),
+        (["--cliprange", "-1"], "--cliprange -1.0"), (["--max-grad-norm", "-1"], "--max-grad-norm -1.0"),
+        (["--temperature", "inf"], "--temperature inf: must be a finite number"), (["--bogus"], "unrecognized")]]
+    rm_argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out")[2:]
+    cases += [(ppo_baseline.main, rm_argv + flags, message) for flags, message in [
+        (["--critic-lr", "-1"], "--critic-lr -1.0"), (["--rm-lr", "nan"], "--rm-lr nan"), (["--vf-coef", "-1"], "--vf-coef -1.0")]]
+    cases += [(evaluate.main, [sft, "--json", str(tmp_path / "out" / "e.json"), *flags], message) for flags, message in [
+        (["--temperature", "0"], "--temperature 0.0: must be > 0"), (["--max-new-tokens", "0"], "--max-new-tokens 0")]]
+    cases += [(compare.main, ["--root", str(tmp_path / "out"), *flags], message) for flags, message in [
+        (["--seeds", "a"], "--seeds a"), (["--extra", "--bogus 1"], "unrecognized arguments: --bogus")]]
+    cases += [(world.main, ["--out", str(tmp_path / "out"), "--label-flip", "2"], "--label-flip 2.0: must lie in [0, 1]")]
+    for main, argv, message in cases:
+        err = one_line_error(capsys, lambda: main(argv))
+        assert message in err, (argv, err)
+        assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == [], argv
+
+
+def test_output_paths_are_checked_before_any_work_and_no_user_file_is_moved(tiny_world, tiny_gvm, tmp_path, capsys):
+    import compare
+    import evaluate
+    user_file, user_dir = tmp_path / "notes.txt", tmp_path / "mine"
+    user_file.write_text("mine")
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("mine")
+    sft, pairs = str(tiny_world / "sft"), str(tiny_world / "data" / "pairs_train.jsonl")
+    runs = [lambda out: gvm.main(["--model", sft, "--data", pairs, "--eval-data", pairs, "--out", out]),
+            lambda out: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out))]
+    for run in runs:
+        for out, message in ((user_file, "notes.txt: is a file"), (user_dir, "mine: a folder these scripts did not write"),
+                             (user_file / "run", "notes.txt is a file, not a folder"),
+                             ("/proc/dvpo-run", "cannot write in /proc")):
+            assert message in one_line_error(capsys, lambda: run(str(out)))
+    assert user_file.read_text() == "mine" and (user_dir / "thesis.tex").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]  # nothing moved aside, nothing left behind
+    for main, argv, message in ((evaluate.main, [sft, "--json", "/proc/x/eval.json"], "--json /proc/x/eval.json: cannot write"),
+                                (evaluate.main, [sft, "--json", str(user_dir)], "is a folder; name a file"),
+                                (compare.main, ["--root", "/proc/bench"], "--root /proc/bench: cannot write"),
+                                (compare.main, ["--root", str(tmp_path / "b"), "--json", "/proc/c.json"], "--json /proc/c.json")):
+        assert message in one_line_error(capsys, lambda: main(argv))
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]
+    evaluate.main([sft, "--n-prompts", "4", "--json", str(tmp_path / "new" / "dir" / "eval.json")])  # a missing folder is made
+    assert json.loads((tmp_path / "new" / "dir" / "eval.json").read_text())["results"][0]["n"] == 4
+
+
+def short_gpt2(families, folder, positions):
+    """The GPT-2 family's tokenizer on a GPT-2 with only `positions` positions: longer inputs crash its embedding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tok = data.load_tokenizer(str(families / "gpt2"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_sequences_longer_than_the_model_positions_are_dropped_or_refused(families, tiny_world, tmp_path, capsys):
+    model = short_gpt2(families, tmp_path / "short", 64)
+    hh = pair_files(tiny_world, tmp_path)["hh"]  # "\n\nHuman: ... \n\nAssistant: ..." transcripts of 20 to 190 tokens
+    gvm.main(["--model", model, "--data", hh, "--eval-data", hh, "--out", str(tmp_path / "gvm"), "--max-steps", "2"])
+    out = capsys.readouterr().out
+    assert "whose prompt + response exceed the model's 64 positions" in out and "dropped" in out
+    dvpo.main(["--gvm", str(tmp_path / "gvm"), "--policy", model, "--prompts", hh, "--eval-prompts", hh,
+               "--out", str(tmp_path / "dvpo"), "--steps", "1", "--batch-size", "2", "--minibatch-size", "2",
+               "--eval-every", "1", "--eval-n", "2", "--max-new-tokens", "24"])
+    assert "whose prompt leaves fewer than --max-new-tokens 24 of the model's 64 positions" in capsys.readouterr().out
+    err = one_line_error(capsys, lambda: gvm.main(["--model", model, "--data", hh, "--eval-data", hh, "--strict",
+                                                   "--out", str(tmp_path / "gvm2")]))
+    assert "bad rows (--strict)" in err and "its prompt + response exceed the model's 64 positions" in err
+    err = one_line_error(capsys, lambda: dvpo.main(["--gvm", str(tmp_path / "gvm"), "--policy", model, "--prompts", hh,
+                                                    "--out", str(tmp_path / "dvpo2"), "--max-new-tokens", "64"]))
+    assert "--max-new-tokens 64: --policy" in err and "has only 64 positions" in err
+
+
+def test_inputs_are_checked_before_any_expensive_step(tiny_world, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    trained = []
+    monkeypatch.setattr(gvm, "train", lambda *a, **k: trained.append(a))
+    argv = ["--policy", str(tiny_world / "sft"), "--data", str(tiny_world / "data" / "pairs_train.jsonl"),
+            "--prompts", str(empty), "--rm-out", str(tmp_path / "rm"), "--out", str(tmp_path / "ppo")]
+    assert "empty.jsonl" in one_line_error(capsys, lambda: ppo_baseline.main(argv))
+    assert not trained and not (tmp_path / "rm").exists()  # stage A never started
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "gvm.py"), "--data", str(broken)], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "row 2 is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpt").exists()  # the default --model's world was not built for a bad --data
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_output(tiny_world, tiny_gvm, tmp_path):
+    import signal
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "dvpo.py"),
+                             *tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1000", "--save-every", "2")],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):  # a checkpoint at step 2 exists; the next save is under way soon
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted: the output folder holds the last complete save, if any"], err
+    assert json.loads((out / "summary.json").read_text())["train/steps"] >= 2
+    assert os.listdir(tmp_path) == ["run"]  # no temporary folder left
+
+
+def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(tmp_path):
+    dead = subprocess.run(["true"]).args and subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f".run-tmp-{dead.pid}-abc", tmp_path / f".run-tmp-{os.getpid()}-xyz"
+    stale.mkdir()
+    live.mkdir()
+    with runtime.atomic_dir(str(tmp_path / "run")) as tmp:
+        open(os.path.join(tmp, "model"), "w").write("ok")
+    assert not stale.exists() and live.exists() and (tmp_path / "run" / "model").read_text() == "ok"
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(tiny_world, tiny_gvm, tmp_path, capsys):
+    out = tmp_path / "run"
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1", "--save-every", "1"))
+    capsys.readouterr()
+    for name, message in ((loop.STATE_FILE, f"{loop.STATE_FILE} is damaged"), ("model.safetensors", "gave no model")):
+        backup = (out / name).read_bytes()
+        for damaged in (b"", backup[:len(backup) // 2]):
+            (out / name).write_bytes(damaged)
+            err = one_line_error(capsys, lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2",
+                                                                          "--save-every", "1", "--resume")))
+            assert message in err and str(out) in err, err
+        (out / name).write_bytes(backup)
+
+
+def test_evaluate_checks_a_gvms_tokenizer_and_builds_no_world_for_it(families, tiny_world, tmp_path, capsys):
+    import evaluate
+    files = pair_files(tiny_world, tmp_path)
+    gvm.main(["--model", str(families / "gpt2"), "--data", files["strings"], "--eval-data", files["strings"],
+              "--out", str(tmp_path / "gvm"), "--max-steps", "1"])
+    err = one_line_error(capsys, lambda: evaluate.main([str(families / "llama"), "--prompts", files["strings"],
+                                                        "--gvm", str(tmp_path / "gvm")]))
+    assert "with another tokenizer than" in err
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # no --pairs, a GVM trained on other data: no accuracy on the world's movie-review pairs, no world built
+        evaluate.main([str(families / "gpt2"), "--prompts", files["strings"], "--gvm", str(tmp_path / "gvm"),
+                       "--n-prompts", "2", "--max-new-tokens", "4"])
+    finally:
+        os.chdir(cwd)
+    assert "no held-out pairs for its accuracy" in capsys.readouterr().out and not (tmp_path / "ckpt").exists()
+
+
+def test_a_malformed_jsonl_line_is_named_by_its_row(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n{"prompt": "a", "chosen": "b",\n')
+    with pytest.raises(runtime.UsageError, match=r"p.jsonl: cannot read it \(row 3 is not valid JSON"):
+        data.load_rows(str(path))
+
+
+def test_the_world_build_logs_progress_lines_when_not_on_a_terminal(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "world.py"), "--out", str(tmp_path / "w"),
+                           "--n-train-prompts", "40", "--n-eval-prompts", "10", "--sft-steps", "20", "--sft-batch", "8"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("world: SFT policy: ") and ", loss " in line for line in lines) == 10
+    assert any(line.startswith("world: pairs (2/2): 1/1") for line in lines)

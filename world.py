@@ -22,15 +22,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
-
 import data
-from runtime import UsageError, arg, parse_args, run_main
+import runtime
+from runtime import arg, parse_args, run_main
 
 ROOT = "ckpt"
 SFT_DIR = os.path.join(ROOT, "sft")
@@ -49,19 +47,19 @@ def is_world_data(path):
 
 @dataclass
 class WorldConfig:
-    seed: int = arg(0, "seed of the grammar, the SFT policy's init and training, and the sampled pairs")
-    n_train_prompts: int = arg(4000, "RL-train prompts; one preference pair is sampled on each")
-    n_eval_prompts: int = arg(500, "held-out prompts; one preference pair is sampled on each")
-    sft_steps: int = arg(1200, "SFT optimizer steps on freshly generated reviews")
-    sft_batch: int = arg(64, "reviews per SFT step")
-    sft_lr: float = arg(3e-3, "SFT AdamW peak learning rate (warmup, then cosine to a tenth)")
-    hidden: int = arg(64, "width of the SFT Llama")
-    layers: int = arg(2, "layers of the SFT Llama")
-    heads: int = arg(4, "attention heads of the SFT Llama")
-    max_new_tokens: int = arg(48, "sampling budget of a pair's response; longer than any review the grammar writes")
-    bt_beta: float = arg(10.0, "Bradley-Terry sharpness: P(a preferred to b) = sigmoid(bt_beta * (gold_a - gold_b))")
-    label_flip: float = arg(0.0, "fraction of preference labels flipped after sampling (AlpacaFarm-style noise; try 0.25)")
-    gen_batch: int = arg(250, "prompts per generate() call while sampling pairs")
+    seed: int = arg(0, "seed of the grammar, the SFT policy's init and training, and the sampled pairs", "[0, 4294967295]")
+    n_train_prompts: int = arg(4000, "RL-train prompts; one preference pair is sampled on each", ">= 1")
+    n_eval_prompts: int = arg(500, "held-out prompts; one preference pair is sampled on each", ">= 1")
+    sft_steps: int = arg(1200, "SFT optimizer steps on freshly generated reviews", ">= 1")
+    sft_batch: int = arg(64, "reviews per SFT step", ">= 1")
+    sft_lr: float = arg(3e-3, "SFT AdamW peak learning rate (warmup, then cosine to a tenth)", "> 0")
+    hidden: int = arg(64, "width of the SFT Llama", ">= 1")
+    layers: int = arg(2, "layers of the SFT Llama", ">= 1")
+    heads: int = arg(4, "attention heads of the SFT Llama", ">= 1")
+    max_new_tokens: int = arg(48, "sampling budget of a pair's response; longer than any review the grammar writes", ">= 1")
+    bt_beta: float = arg(10.0, "Bradley-Terry sharpness: P(a preferred to b) = sigmoid(bt_beta * (gold_a - gold_b))", ">= 0")
+    label_flip: float = arg(0.0, "fraction of training preference labels flipped after sampling (AlpacaFarm-style noise; try 0.25); held-out labels stay unflipped", "[0, 1]")
+    gen_batch: int = arg(250, "prompts per generate() call while sampling pairs", ">= 1")
 
 
 # ---------------------------------------------------------------------------------------------- lexicon
@@ -227,9 +225,8 @@ def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.sft_steps) / cfg.sft_steps))))
     model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="world: SFT policy", disable=None if progress else True, leave=False)
     loss = torch.tensor(0.0)
-    for _ in bar:
+    for _ in runtime.progress(range(cfg.sft_steps), "world: SFT policy", progress, lambda: f"loss {loss.item():.3f}"):
         texts = [grammar.review() + f" {EOS}" for _ in range(cfg.sft_batch)]
         enc = tok(texts, padding=True, return_tensors="pt", padding_side="right")
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -239,7 +236,6 @@ def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return model, loss.item()
 
@@ -249,7 +245,7 @@ def sample_responses(model, tok, prompts, max_new_tokens, batch_size, progress=T
     """One response per prompt, sampled as the trainers sample (data.sample: temperature 1, no other logits
     processor). Returns (texts, ended_with_eos); a text continues its prompt, leading space included."""
     texts, ended = [], []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=None if progress else True, leave=False):
+    for i in runtime.progress(range(0, len(prompts), batch_size), desc, progress):
         enc = tok(prompts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="left")
         response = data.sample(model, tok, enc.input_ids, enc.attention_mask, max_new_tokens)[:, enc.input_ids.shape[1]:]
         texts += data.continuations(tok, enc.input_ids, response)  # generate pads a finished response
@@ -258,16 +254,16 @@ def sample_responses(model, tok, prompts, max_new_tokens, batch_size, progress=T
 
 
 # ---------------------------------------------------------------------------------------------- pairs
-def label_pairs(prompts, a, b, cfg: WorldConfig, rng: random.Random):
+def label_pairs(prompts, a, b, cfg: WorldConfig, rng: random.Random, flip):
     """Bradley–Terry labels from the gold judge; ties in gold and identical responses are dropped, as in
-    binarized preference sets. Optionally flips a fraction of labels."""
+    binarized preference sets. A fraction `flip` of labels is flipped (annotator noise)."""
     ga, gb = gold_scores(a), gold_scores(b)
     rows = []
     for p, x, y, sx, sy in zip(prompts, a, b, ga, gb):
         if not x.strip() or not y.strip() or x == y or sx == sy:
             continue
         x_wins = rng.random() < 0.5 * (1 + math.tanh(cfg.bt_beta * (sx - sy) / 2))  # sigmoid, overflow-free
-        if rng.random() < cfg.label_flip:
+        if rng.random() < flip:
             x_wins = not x_wins
         (c, sc), (r, sr) = ((x, sx), (y, sy)) if x_wins else ((y, sy), (x, sx))
         rows.append({"prompt": p, "chosen": c, "rejected": r, "score_chosen": sc, "score_rejected": sr})
@@ -283,6 +279,13 @@ def write_jsonl(path, rows):
 def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     """Build the whole world into root/sft and root/data, atomically (temp folder, then rename)."""
     cfg = cfg or WorldConfig()
+    if cfg.hidden % cfg.heads:
+        raise runtime.UsageError(f"--heads {cfg.heads} does not divide --hidden {cfg.hidden}")
+    for name, mine in (("sft", "config.json"), ("data", MARKER)):  # never replace what a world build did not write
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, mine)):
+            raise runtime.UsageError(f"{folder}: exists and is not a world's {name} folder (no {mine}); "
+                                     "build the world in another folder")
     t0 = time.time()
     print(f"building the embedded world into {root}/ (seed {cfg.seed}): corpus, tokenizer, SFT policy, "
           f"prompts, preference pairs", flush=True)
@@ -311,8 +314,8 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     def kept(lo, hi):
         return [[x for x, k in zip(xs[lo:hi], keep[lo:hi]) if k] for xs in (both, a, b)]
 
-    pairs_train = label_pairs(*kept(0, n), cfg, rng)
-    pairs_eval = label_pairs(*kept(n, None), cfg, rng)
+    pairs_train = label_pairs(*kept(0, n), cfg, rng, cfg.label_flip)
+    pairs_eval = label_pairs(*kept(n, None), cfg, rng, 0.0)  # noise is in the training labels, not the test set
 
     gold = gold_scores(a)
     stats = {
@@ -330,7 +333,7 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     }
 
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".world-", dir=root)
+    tmp = runtime.make_tmp_dir(root, "world")
     try:
         model.save_pretrained(os.path.join(tmp, "sft"))
         tok.save_pretrained(os.path.join(tmp, "sft"))
@@ -371,10 +374,8 @@ def main(argv=None):
     cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
 
     def build():
-        if not 0.0 <= cfg.label_flip <= 1.0:
-            raise UsageError(f"--label-flip {cfg.label_flip}: must lie in [0, 1]")
-        if min(cfg.n_train_prompts, cfg.n_eval_prompts, cfg.sft_steps, cfg.sft_batch, cfg.gen_batch) < 1:
-            raise UsageError("--n-train-prompts, --n-eval-prompts, --sft-steps, --sft-batch and --gen-batch must be at least 1")
+        runtime.check_args(args)
+        runtime.check_writable(args.out, "--out")
         print(json.dumps(build_world(args.out, cfg), indent=2))
 
     run_main(build)
