@@ -46,9 +46,11 @@ class Args:
     extra: str = arg("", "more flags for both dvpo.py and ppo_baseline.py, e.g. '--dtype bf16 --micro-batch-size 4'")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     json: str = arg("", "results file; empty: <root>/compare.json")
-    analytic: str = arg("", "only print the analytic memory of DVPO and PPO for this model (config folder or hub name)")
+    analytic: str = arg("", "only print the analytic memory of DVPO and PPO for these models (config folders or hub names, comma-separated)")
     response_len: int = arg(256, "with --analytic: response tokens, for the logits and KV-cache rows", ">= 1")
     prompt_len: int = arg(512, "with --analytic: prompt tokens, for the KV-cache row", ">= 1")
+    micro_batch_size: int = arg(4, "with --analytic: responses per update micro-batch, for the logits and checkpointed-inputs row", ">= 1")
+    lora_r: int = arg(8, "with --analytic: the LoRA rank of its LoRA rows", ">= 1")
 
 
 def bench_world(args):
@@ -118,7 +120,8 @@ def summarize(method, runs, cuda):
     mem = {k: max(m[k] for m in mems) for k in mems[0]}
     s0 = runs[0][2]
     frozen_bytes = 4 if s0["args"]["dtype"] == "fp32" else 2  # --dtype stores frozen models in 2 bytes
-    mem["states_analytic"] = 16 * s0["params/trained"] + frozen_bytes * s0["params/frozen"]  # AdamW, fp32 master (§7)
+    trained_bytes = 10 if s0["args"].get("optim") == "adamw8bit" else 16  # fp32 weight and gradient; moments 8 or 2 B
+    mem["states_analytic"] = trained_bytes * s0["params/trained"] + frozen_bytes * s0["params/frozen"]  # §7
     quality = [{"seed": s["args"]["seed"], "gold": s["eval/gold"], "gold_ci95": s["eval/gold_ci95"],
                 "kl": s["eval/kl"]} for _, _, s in runs]
     curve = [[(e["eval/kl"], e["eval/gold"]) for e in ev] for _, ev, _ in runs]
@@ -182,44 +185,83 @@ def plot(res, path):
     return path
 
 
-def analytic_memory(args):
-    """§7's memory model at a real model's size, from its config alone (instantiated on the meta device, so
-    nothing is allocated or downloaded but the config): model states per method and --dtype, and the two
-    largest activation terms, full-vocabulary logits and the generation KV cache, for --batch-size prompts."""
+CARDS_GIB, HEADROOM = (24, 40, 80), 0.9  # a card "fits" when the estimate is under 90% of its memory
+
+
+def model_sizes(name):
+    """(config, policy parameters, value-model parameters, [(in, out) of every linear layer LoRA adapts]), from
+    a config alone: the model is instantiated on the meta device, so nothing is allocated or downloaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
-        config = AutoConfig.from_pretrained(args.analytic)
+        config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--analytic {args.analytic}: no model config there ({str(e).splitlines()[0][:160]})") from None
+        raise UsageError(f"--analytic {name}: no model config there ({str(e).splitlines()[0][:160]})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
     v = n + config.hidden_size + 1  # a value model: the backbone and its scalar head (lm_head is tied or dropped)
     if not config.tie_word_embeddings:
         v -= model.get_output_embeddings().weight.numel()
-    gib = lambda x: f"{x / 2 ** 30:.2f}"  # noqa: E731
-    lines = [f"## Analytic memory (§7) of {args.analytic}: {n:,} parameters, value models {v:,}, "
-             f"vocabulary {config.vocab_size:,}", "",
-             "| model states, GiB | DVPO | PPO | DVPO/PPO |", "| --- | --- | --- | --- |"]
-    for dtype, frozen in (("fp32", 4), ("bf16 or fp16", 2)):
-        dvpo_b = 16 * n + frozen * n + frozen * v  # policy + reference + frozen GVM
-        ppo_b = 16 * n + 16 * v + frozen * n + frozen * v  # policy + critic + reference + reward model
-        lines.append(f"| --dtype {dtype} (trained: 16 B/param; frozen: {frozen} B/param) | {gib(dvpo_b)} | {gib(ppo_b)} "
-                     f"| {dvpo_b / ppo_b:.2f} |")
-    heads = config.num_attention_heads
-    kv = 2 * config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * \
-        getattr(config, "head_dim", config.hidden_size // heads)
-    logits = (args.response_len + 1) * config.vocab_size
-    lines += ["", f"| activations, GiB, for {args.batch_size} responses of {args.response_len} tokens in one pass "
-              f"(prompts {args.prompt_len}) | fp32 | bf16 |", "| --- | --- | --- |",
-              f"| logits of the response positions (and as much again for log-softmax without --logprob-chunk) "
-              f"| {gib(4 * args.batch_size * logits)} | {gib(2 * args.batch_size * logits)} |",
-              f"| generation KV cache | {gib(4 * args.batch_size * (args.prompt_len + args.response_len) * kv)} "
-              f"| {gib(2 * args.batch_size * (args.prompt_len + args.response_len) * kv)} |"]
+    head = model.get_output_embeddings()
+    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return config, n, v, linears
+
+
+def states_bytes(method, n, v, adapters, head, trained, frozen):
+    """§7's model states of DVPO (policy, reference, GVM) or PPO (policy, critic, reference, reward model). Full
+    fine-tuning: trained bytes per policy (and critic) parameter, frozen bytes per reference (and GVM or reward
+    model) parameter. LoRA: one base per backbone in frozen bytes (the reference shares the policy's, the
+    reward model the critic's) plus trained bytes per adapter (and critic head) parameter."""
+    if adapters is None:
+        return trained * n + frozen * (n + v) + (trained * v if method == "ppo" else 0)
+    return frozen * (n + v) + trained * adapters + (trained * (adapters + head) if method == "ppo" else 0)
+
+
+def analytic_memory(args):
+    """§7's memory model for real models' configs (--analytic, comma-separated): model states of DVPO and PPO,
+    full fine-tuning and LoRA (--lora-r), frozen models in fp32 or bf16, AdamW (16 B per trained parameter: fp32
+    weight, gradient, two moments) or 8-bit AdamW (10 B); the largest activations for --batch-size
+    prompts of --prompt-len tokens and responses of --response-len (generation's KV cache; the update's logits
+    of a --micro-batch-size with --logprob-chunk, and the layer inputs gradient checkpointing keeps); and
+    which cards of 24, 40 and 80 GiB the total fits."""
+    gib = lambda x: x / 2 ** 30  # noqa: E731
+    setups = [("full, fp32", None, 16, 4), ("full, bf16 frozen", None, 16, 2), ("full, bf16 frozen, 8-bit AdamW", None, 10, 2),
+              (f"LoRA r={args.lora_r}, bf16 frozen", args.lora_r, 16, 2),
+              (f"LoRA r={args.lora_r}, bf16 frozen, 8-bit AdamW", args.lora_r, 10, 2)]
+    lines, out = [], {}
+    for name in [x for x in args.analytic.split(",") if x]:
+        config, n, v, linears = model_sizes(name)
+        adapters = sum(args.lora_r * (i + o) for i, o in linears)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        tokens = args.prompt_len + args.response_len
+        lines += [f"### {name}: {n:,} parameters, value models {v:,}, LoRA r={args.lora_r} adapters {adapters:,}, "
+                  f"vocabulary {config.vocab_size:,}", "",
+                  "| setup | model states, GiB: DVPO | PPO | DVPO/PPO | + activations, GiB | total: DVPO | PPO | "
+                  "cards DVPO fits | cards PPO fits |", "| --- " * 9 + "|"]
+        for setup, r, trained, frozen in setups:
+            half = 4 if frozen == 4 else 2  # activations in the frozen models' dtype
+            kv_cache = half * args.batch_size * tokens * kv
+            update = half * args.micro_batch_size * ((args.response_len + 1) * config.vocab_size +
+                                                     config.num_hidden_layers * tokens * config.hidden_size)
+            act = max(kv_cache, update)
+            d, p = (states_bytes(m, n, v, adapters if r else None, config.hidden_size + 1, trained, frozen)
+                    for m in ("dvpo", "ppo"))
+            fits = lambda b: ", ".join(f"{c}" for c in CARDS_GIB if gib(b + act) <= HEADROOM * c) or "none"  # noqa: E731
+            lines.append(f"| {setup} | {gib(d):.2f} | {gib(p):.2f} | {d / p:.2f} | {gib(act):.2f} | {gib(d + act):.2f} "
+                         f"| {gib(p + act):.2f} | {fits(d)} | {fits(p)} |")
+            out.setdefault(name, {})[setup] = {"dvpo": d, "ppo": p, "activations": act}
+        lines.append("")
+        out[name].update(params=n, value_model_params=v, adapters=adapters)
+    lines.append(f"Activations: the larger of the generation KV cache ({args.batch_size} prompts of {args.prompt_len} + "
+                 f"{args.response_len} tokens) and one update micro-batch ({args.micro_batch_size} responses: logits of "
+                 "the response positions with --logprob-chunk, plus each layer's input under --gradient-checkpointing), "
+                 f"in the frozen models' dtype. A card fits when the total is under {HEADROOM:.0%} of it.")
     table = "\n".join(lines)
     print(table)
-    return {"params": n, "value_model_params": v, "table": table}
+    return {**(out[name] if len(out) == 1 else {}), "models": out, "table": table}
 
 
 def compare(args: Args):

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+import lora
 from runtime import UsageError
 
 PAD_TOKEN = "<|pad|>"  # added when a tokenizer has no pad token distinct from EOS; never sampled
@@ -163,12 +164,16 @@ def disable_dropout(model):
 
 def save_pretrained(model, tok, folder):
     """model.save_pretrained (and the tokenizer's), with the config's dropout rates as they were loaded:
-    dropout is off while we train, not in the checkpoint a user fine-tunes next."""
+    dropout is off while we train, not in the checkpoint a user fine-tunes next. A LoRA model is written
+    merged, with its adapter in folder/adapter (lora.save)."""
     kept = getattr(model, "config_dropout", {}).values()
     for config, name, value in kept:
         setattr(config, name, value)
     try:
-        model.save_pretrained(folder)
+        if lora.is_lora(model):
+            lora.save(model, folder)
+        else:
+            model.save_pretrained(folder)
         if tok is not None:
             tok.save_pretrained(folder)
     finally:
@@ -189,11 +194,12 @@ def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.
                               max_new_tokens=max_new_tokens, eos_token_id=eos_ids(tok, model),
                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                               suppress_tokens=suppressed_ids(tok) or None)
-    declared, model.generation_config = model.generation_config, config
+    owner = model.get_base_model() if lora.is_lora(model) else model  # whose generate() reads generation_config
+    declared, owner.generation_config = owner.generation_config, config
     try:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     finally:
-        model.generation_config = declared
+        owner.generation_config = declared
 
 
 def continuations(tok, prompt_ids, response_ids):

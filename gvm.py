@@ -20,9 +20,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import lora
 import runtime
 import world
-from rollout import Precision, gae, masked_mean
+from rollout import Precision, check_optimizer, gae, make_optimizer, masked_mean
 from runtime import UsageError, arg
 
 
@@ -45,6 +46,10 @@ class Args:
     micro_batch_size: int = arg(0, "samples per forward/backward; gradients accumulate over --batch-size (0: the whole batch)", ">= 0")
     dtype: str = arg("fp32", "fp32 | bf16 | fp16: weights stay fp32, forward and backward run under autocast in this dtype")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward instead of storing them")
+    lora_r: int = arg(0, "LoRA rank: train adapters on every linear layer of the backbone (frozen in --dtype) and the head in full (0: full fine-tuning)", ">= 0")
+    lora_alpha: float = arg(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r", "> 0")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input", "[0, 1)")
+    optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
     pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
     warmup_steps: int = arg(20, "steps of linear learning-rate warmup", ">= 0")
@@ -62,12 +67,13 @@ class ValueModel(nn.Module):
     """Backbone + Linear(hidden, 1) on every position, zero-initialised (§2). The reward model and critic of
     the PPO baseline have the same shape."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, head=None, dtype=None):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = head if head is not None else nn.Linear(backbone.config.hidden_size, 1, dtype=dtype or backbone.dtype)
+        if head is None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids, attention_mask):
         # §5.1: position ids from the mask, so left and right padding give the same values
@@ -314,6 +320,7 @@ def train(args: Args, objective=None):
         raise UsageError("--max-steps 0: must be -1 (all epochs) or at least 1")
     if objective.pair_batches and (args.batch_size % 2 or args.micro_batch_size % 2):
         raise UsageError("--batch-size and --micro-batch-size must be even: a pair's two samples stay together")
+    check_optimizer(args.optim)
     runtime.check_output_dir(args.out)
     device = runtime.pick_device(args.device)
     prec = Precision(args.dtype, device)
@@ -326,19 +333,24 @@ def train(args: Args, objective=None):
     train_samples = pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len,
                                  args.strict, positions)
     eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name, args.max_prompt_len, args.strict, positions)
-    backbone = data.load_model(args.model, tok, "--model", causal_lm=False)
-    model = ValueModel(backbone).to(device)
+    if args.lora_r:  # the backbone frozen in --dtype with adapters, the head trained in full and in fp32
+        backbone = lora.add_lora(data.load_model(args.model, tok, "--model", causal_lm=False, dtype=prec.dtype),
+                                 args.lora_r, args.lora_alpha, args.lora_dropout)
+    else:
+        backbone = data.load_model(args.model, tok, "--model", causal_lm=False)
+    model = ValueModel(backbone, dtype=torch.float32).to(device)
     if args.gradient_checkpointing:
         data.enable_checkpointing(backbone)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     steps_per_epoch = math.ceil(len(train_samples) / args.batch_size)
     total = steps_per_epoch * args.epochs if args.max_steps < 0 else args.max_steps
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(model.parameters(), args.lr, args.optim, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (total - s) / max(1, total - args.warmup_steps))))
-    print(f"{objective.kind}: {n_params:,} params on {device} ({args.dtype}), {len(train_samples) // 2} train pairs, {len(eval_samples) // 2} "
+    print(f"{objective.kind}: {n_params:,} params ({n_trained:,} trained) on {device} ({args.dtype}), {len(train_samples) // 2} train pairs, {len(eval_samples) // 2} "
           f"held-out pairs, {total} steps of {args.batch_size} samples, {objective.meta()}", flush=True)
 
     t0 = time.time()
@@ -382,7 +394,7 @@ def train(args: Args, objective=None):
         meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
         save_value_model(model, tok, tmp, meta)
         summary = {**metrics, "train/steps": step, "train/pairs": len(train_samples) // 2, "eval/pairs": len(eval_samples) // 2,
-                   "params": n_params, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}
+                   "params": n_params, "params/trained": n_trained, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     print(f"saved {args.out}: held-out pairwise accuracy {metrics['eval/pairwise_acc_final']:.3f} (final value), "

@@ -12,6 +12,8 @@ import torch
 from tqdm import tqdm
 
 import data
+import lora
+import rollout
 import runtime
 import world
 from rollout import (Probe, generate, in_chunks, kl_k1, kl_k3, masked_whiten, minibatches,
@@ -47,6 +49,10 @@ class RLArgs:
     logprob_chunk: int = arg(0, "token positions per fp32 log-softmax chunk, so [batch, length, vocab] fp32 logits never exist (0: off)", ">= 0")
     dtype: str = arg("fp32", "fp32 | bf16 | fp16: frozen models stored in it; trained ones keep fp32 weights under autocast")
     gradient_checkpointing: bool = arg(False, "recompute the trained models' activations in backward instead of storing them")
+    lora_r: int = arg(0, "LoRA rank: the trained models train adapters on every linear layer, their base weights frozen in --dtype, and the reference is the policy with its adapters off (0: full fine-tuning)", ">= 0")
+    lora_alpha: float = arg(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r", "> 0")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input (0 keeps the first PPO ratio exactly 1)", "[0, 1)")
+    optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     ppo_epochs: int = arg(4, "PPO epochs over each batch", ">= 1")
     cliprange: float = arg(0.2, "PPO ratio clip epsilon", "> 0")
     lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)", "> 0")
@@ -73,6 +79,7 @@ def validate_rl(args):
         raise UsageError(f"--micro-batch-size {args.micro_batch_size} does not divide --minibatch-size {args.minibatch_size}")
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
+    rollout.check_optimizer(args.optim)
     runtime.check_output_dir(args.out)
     if args.resume:
         check_resume(args)
@@ -129,11 +136,21 @@ def load_rl_data(args):
 
 
 def load_rl_models(args, tok, device, prec):
-    """Policy (trained, fp32; from --out when resuming) and reference (frozen, --dtype), both for tok."""
+    """Policy (trained; from --out when resuming) and reference (frozen, in --dtype), both for tok. Full
+    fine-tuning: the policy in fp32, the reference a second copy. --lora-r: one copy of the base weights in
+    --dtype, the policy's adapters on it, and the reference is the policy with its adapters off."""
     if data.tokenizer_fingerprint(data.load_tokenizer(args.ref or args.policy, "--ref")) != data.tokenizer_fingerprint(tok):
         raise UsageError(f"--ref {args.ref}: its tokenizer differs from the policy's ({args.policy})")
-    policy = data.load_model(args.out if args.resume else args.policy, tok, "--policy")
-    ref = data.load_model(args.ref or args.policy, tok, "--ref" if args.ref else "--policy", dtype=prec.dtype)
+    if args.lora_r:
+        base = data.load_model(args.policy, tok, "--policy", dtype=prec.dtype)
+        policy = (lora.load_lora(base, os.path.join(args.out, lora.ADAPTER_DIR)) if args.resume else
+                  lora.add_lora(base, args.lora_r, args.lora_alpha, args.lora_dropout))
+    else:
+        policy = data.load_model(args.out if args.resume else args.policy, tok, "--policy")
+    if args.lora_r and not args.ref:
+        ref = lora.WithoutAdapters(policy)
+    else:
+        ref = data.load_model(args.ref or args.policy, tok, "--ref" if args.ref else "--policy", dtype=prec.dtype)
     ref.requires_grad_(False).eval()
     if args.gradient_checkpointing:
         data.enable_checkpointing(policy)
@@ -225,8 +242,9 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     its critic, `advantages(r, rewards) -> [B, R]`, `score` (the critic's V(s_T) or RM score, [B]), `name`,
     `describe` (for the first printed line), `score_name`, `models` and `optimizers` (for the memory tally),
     and optionally `minibatch_step`, `state_dict` and `load_state_dict` (a trained critic)."""
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
-    frozen = {id(p) for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad}
+    opt = rollout.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
+    params = {id(p): p for m in (policy, ref, *algo.models) for p in m.parameters()}  # a shared base counted once
+    frozen = {i for i, p in params.items() if not p.requires_grad}
     assert not frozen & {id(p) for o in (opt, *algo.optimizers) for g in o.param_groups for p in g["params"]}
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     probe = Probe(device, models=(policy, ref, *algo.models), optimizers=(opt, *algo.optimizers))
@@ -256,8 +274,8 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
 
     def checkpoint(step, with_state):
         summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0,
-                   "params/trained": sum(p.numel() for m in (policy, *algo.models) for p in m.parameters() if p.requires_grad),
-                   "params/frozen": sum(p.numel() for m in (ref, *algo.models) for p in m.parameters() if not p.requires_grad),
+                   "params/trained": sum(p.numel() for p in params.values() if p.requires_grad),
+                   "params/frozen": sum(p.numel() for p in params.values() if not p.requires_grad),
                    "device": str(device), "args": asdict(args)}
         state = None if not with_state else {
             "algo": algo.name, "step": step, "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),

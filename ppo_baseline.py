@@ -6,6 +6,7 @@ memory: policy and critic (trained, each with its optimizer), reference and rewa
     python ppo_baseline.py                    # stage A into ckpt/rm, then stage B into ckpt/ppo
     python ppo_baseline.py --rm ckpt/rm       # reuse a reward model
 """
+import copy
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import data
 import gvm
 import loop
+import lora
 import rollout
 import runtime
 import world
@@ -73,7 +75,8 @@ def reward_model_path(args):
                        eval_split=args.eval_split, max_prompt_len=args.max_prompt_len, strict=args.strict,
                        out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
                        micro_batch_size=args.micro_batch_size, dtype=args.dtype,
-                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, device=args.device),
+                       gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, optim=args.optim, seed=args.seed, device=args.device),
               BradleyTerry())
     return args.rm_out
 
@@ -82,6 +85,19 @@ def load_reward_model(path, args, tok, device, dtype):
     gvm.check_tokenizer(gvm.read_meta(path, "reward-model", "--rm"), tok, f"--rm {path}", args.policy,
                         "python ppo_baseline.py --policy")
     return gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)[0]
+
+
+def reward_model_and_critic(path, args, tok, device, prec):
+    """(frozen reward model, trainable critic initialised from it). Full fine-tuning: two copies, the reward
+    model in --dtype and the critic in fp32. --lora-r: one copy of the reward model's backbone in --dtype with
+    the critic's adapters on it and a trained fp32 copy of the head; the reward model is that backbone with
+    its adapters off and the original head."""
+    rm = load_reward_model(path, args, tok, device, prec.dtype).requires_grad_(False)
+    if not args.lora_r:
+        return rm, load_reward_model(path, args, tok, device, torch.float32).requires_grad_(True)
+    backbone = lora.add_lora(rm.backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
+    critic = gvm.ValueModel(backbone, head=copy.deepcopy(rm.head).float().requires_grad_(True))
+    return gvm.ValueModel(lora.WithoutAdapters(backbone), head=rm.head), critic
 
 
 # ---------------------------------------------------------------------------------------------- the critic
@@ -102,11 +118,10 @@ class LearnedCritic:
     name, score_name, describe = "ppo", "rm_score", "critic trained from the reward model"
 
     def __init__(self, args, reward_model, critic, device):
-        self.args, self.reward_model = args, reward_model.requires_grad_(False).eval()
-        self.critic = critic.requires_grad_(True).train()
+        self.args, self.reward_model, self.critic = args, reward_model.eval(), critic.train()
         if args.gradient_checkpointing:
             data.enable_checkpointing(self.critic.backbone)
-        self.opt = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr, eps=1e-5)
+        self.opt = rollout.make_optimizer(self.critic.parameters(), args.critic_lr, args.optim, eps=1e-5)
         self.prec = rollout.Precision(args.dtype, device)
         self.models, self.optimizers = (self.reward_model, self.critic), (self.opt,)
 
@@ -138,11 +153,13 @@ class LearnedCritic:
         return {**{k: float(v) for k, v in total.items()}, **self.prec.loss_scale("val")}
 
     def state_dict(self):
-        return {"critic": self.critic.state_dict(), "optimizer": self.opt.state_dict(),
-                "scaler": self.prec.scaler.state_dict()}
+        """What trains (all of the critic, or under LoRA its adapters and head), its optimizer and loss scale."""
+        trained = {n: p.detach() for n, p in self.critic.named_parameters() if p.requires_grad}
+        return {"critic": trained, "optimizer": self.opt.state_dict(), "scaler": self.prec.scaler.state_dict()}
 
     def load_state_dict(self, s):
-        self.critic.load_state_dict(s["critic"])
+        missing, unexpected = self.critic.load_state_dict(s["critic"], strict=False)
+        assert not unexpected and all(not p.requires_grad for n, p in self.critic.named_parameters() if n in missing)
         self.opt.load_state_dict(s["optimizer"])
         self.prec.scaler.load_state_dict(s["scaler"])
 
@@ -156,8 +173,7 @@ def train(args: Args):
     runtime.seed_everything(args.seed)
     tok, prompts, eval_prompts = loop.load_rl_data(args)
     path = reward_model_path(args)
-    critic = LearnedCritic(args, load_reward_model(path, args, tok, device, prec.dtype),
-                           load_reward_model(path, args, tok, device, torch.float32), device)
+    critic = LearnedCritic(args, *reward_model_and_critic(path, args, tok, device, prec), device)
     policy, ref = loop.load_rl_models(args, tok, device, prec)
     return loop.rl_train(args, critic, policy, ref, tok, prompts, eval_prompts, device, prec)
 

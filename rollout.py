@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import lora
 from runtime import UsageError
 
 
@@ -325,6 +326,35 @@ class Precision:
         self.scaler.step(opt)
         self.scaler.update()
         return norm
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def make_optimizer(params, lr, name="adamw", **kwargs):
+    """AdamW over the parameters that train (requires_grad). --optim adamw8bit: bitsandbytes' 8-bit AdamW, both
+    moments in 8 bits (2 bytes a parameter instead of 8; tensors under 4096 entries stay in fp32)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw8bit":
+        return bitsandbytes(f"--optim {name}").optim.AdamW8bit(params, lr=lr, **kwargs)
+    return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+
+def bitsandbytes(flag):
+    """The optional bitsandbytes package, or one line saying how to get it."""
+    if flag.split()[-1] not in OPTIMIZERS:
+        raise UsageError(f"{flag}: choose one of {', '.join(OPTIMIZERS)}")
+    lora.quiet_bitsandbytes()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UsageError(f"{flag}: needs bitsandbytes, an optional package (pip install bitsandbytes)") from None
+    return bnb
+
+
+def check_optimizer(name):
+    if name != "adamw":
+        bitsandbytes(f"--optim {name}")
 
 
 def micro_batches(n, size):

@@ -22,6 +22,7 @@ import data
 import dvpo
 import gvm
 import loop
+import lora
 import ppo_baseline
 import rollout
 import runtime
@@ -655,9 +656,13 @@ def test_clipped_value_loss_by_hand():
     assert clipfrac.item() == pytest.approx(1.0)
 
 
-def test_critic_starts_equal_to_the_reward_model_and_trains_alone(tiny_gvm):
-    rm, _, _ = gvm.load_value_model(str(tiny_gvm))
-    critic = ppo_baseline.LearnedCritic(ppo_baseline.Args(), rm, gvm.load_value_model(str(tiny_gvm))[0], "cpu")
+def test_critic_starts_equal_to_the_reward_model_and_trains_alone(tiny_world, tiny_gvm, tmp_path):
+    model, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    gvm.save_value_model(model, tok, str(tmp_path / "rm"), {"kind": "reward-model"})
+    args = ppo_baseline.Args(policy=str(tiny_world / "sft"))
+    rm, critic_model = ppo_baseline.reward_model_and_critic(str(tmp_path / "rm"), args, tok, "cpu",
+                                                            rollout.Precision("fp32", "cpu"))
+    critic = ppo_baseline.LearnedCritic(args, rm, critic_model, "cpu")
     a, b = critic.critic.state_dict(), rm.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(p.requires_grad for p in critic.critic.parameters()) and not any(p.requires_grad for p in rm.parameters())
@@ -867,7 +872,7 @@ def training_records(path):
             for x in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("script", ["dvpo", "ppo", "dvpo-gpt2"])
+@pytest.mark.parametrize("script", ["dvpo", "ppo", "dvpo-gpt2", "dvpo-lora", "ppo-lora"])
 def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, families, tmp_path, script):
     """Also restored: the adaptive KL coefficient, fp16 loss scales (ppo: two), and, for a GPT-2 policy, a
     reference whose added pad token must get the same row in every process."""
@@ -880,14 +885,15 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, famili
     def run(out, *extra):
         argv = tiny_dvpo_argv(tiny_world, value_model, out, "--eval-every", "2", "--save-every", "2",
                               "--adaptive-kl", "--target-kl", "0.5", "--kl-horizon", "20", *extra)
-        if script == "ppo":
+        argv += ["--lora-r", "4", "--lr", "3e-3"] if script.endswith("lora") else []
+        if script.startswith("ppo"):
             argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(rm)]
             ppo_baseline.main(argv + ["--dtype", "fp16"])
         else:
             dvpo.main(argv + (["--policy", str(families / "gpt2")] if script == "dvpo-gpt2" else []))
 
     rm = tmp_path / "rm"
-    if script == "ppo":
+    if script.startswith("ppo"):
         model, tok, _ = gvm.load_value_model(str(tiny_gvm))
         gvm.save_value_model(model, tok, str(rm), {"kind": "reward-model"})
     run(tmp_path / "full", "--steps", "4")
@@ -1167,6 +1173,8 @@ def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys)
     assert res["params"] == n and res["value_model_params"] == n + model.config.hidden_size + 1  # tied LM head
     out = capsys.readouterr().out
     assert "| 0.60 |" in out and "| 0.56 |" in out  # 24/40 and 20/36 bytes per parameter
+    adapters = lora.add_lora(model, 8, 16.0, 0.0)
+    assert res["adapters"] == sum(p.numel() for p in adapters.parameters() if p.requires_grad)  # LoRA r=8 rows
 
 
 # ---------------------------------------------------------------------------------------------- real checkpoints
@@ -1203,9 +1211,9 @@ def pollute(model, tok):
     return model
 
 
-@pytest.mark.parametrize("kind", ["world", "qwen2"])
+@pytest.mark.parametrize("kind", ["world", "qwen2", "qwen2-lora"])
 def test_a_polluted_generation_config_samples_exactly_as_a_clean_one(tiny_world, families, tmp_path, kind):
-    path = str(tiny_world / "sft") if kind == "world" else str(families / kind)
+    path = str(tiny_world / "sft") if kind == "world" else str(families / "qwen2")
     prompts = ["the plot was", "i", "overall , it was a", "the acting"] * 3
     clean, tok = data.load_pretrained(path)
     if kind != "world":  # a random model's near-uniform next-token distribution hardly feels a penalty: sharpen it
@@ -1218,6 +1226,8 @@ def test_a_polluted_generation_config_samples_exactly_as_a_clean_one(tiny_world,
     assert dirty.generation_config.repetition_penalty == 1.3  # the checkpoint really carries it
     runs = []
     for model in (clean, dirty):
+        if kind.endswith("lora"):  # a LoRA policy: generate() runs on the base model inside the peft wrapper
+            model = lora.add_lora(model, 4, 8.0, 0.0)
         torch.manual_seed(0)
         runs.append(rollout.generate(model, tok, prompts, max_new_tokens=16, temperature=0.9))
     assert torch.equal(runs[0].input_ids, runs[1].input_ids) and torch.equal(runs[0].response_mask, runs[1].response_mask)
@@ -1621,3 +1631,135 @@ def test_the_world_build_logs_progress_lines_when_not_on_a_terminal(tmp_path):
     lines = proc.stdout.splitlines()
     assert sum(line.startswith("world: SFT policy: ") and ", loss " in line for line in lines) == 10
     assert any(line.startswith("world: pairs (2/2): 1/1") for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA and 8-bit AdamW
+def randomise_adapters(model, seed=0):
+    """A trained-looking adapter: LoRA's B starts at zero, so the adapted model would equal its base."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_lora_reference_is_the_base_and_the_merged_checkpoint_is_the_adapted_model(families, tmp_path, kind):
+    path = str(families / kind)
+    base, tok = data.load_pretrained(path)
+    policy = lora.add_lora(data.load_model(path, tok), 4, 8.0, 0.0)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == \
+        {n for n, _ in policy.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    ref = lora.WithoutAdapters(policy)
+    assert list(ref.parameters()) == []  # no second copy of the base weights
+    assert (step0_kl(policy, ref, tok) == 0).all()  # B = 0: the adapted model starts as its base, exactly
+    randomise_adapters(policy)
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the movie was", "i"] * 2, max_new_tokens=8)
+    assert torch.equal(rollout.response_logprobs(ref, r), rollout.response_logprobs(base, r))
+    assert not torch.equal(rollout.response_logprobs(policy, r), rollout.response_logprobs(base, r))
+    data.save_pretrained(policy, tok, str(tmp_path / "out"))
+    merged, _ = data.load_pretrained(str(tmp_path / "out"))  # a plain folder: no adapter, no project code needed
+    assert torch.allclose(rollout.response_logprobs(merged, r), rollout.response_logprobs(policy, r), atol=1e-5)
+    assert (tmp_path / "out" / lora.ADAPTER_DIR / "adapter_config.json").exists()
+
+
+def test_a_lora_dvpo_run_keeps_the_base_and_the_gvm_bit_identical(tiny_world, tiny_gvm, tmp_path, monkeypatch):
+    seen = {}
+    real_train = loop.rl_train
+
+    def spy(args, algo, policy, ref, *rest):
+        seen["base"] = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+        seen["policy"], seen["ref"] = policy, ref
+        return real_train(args, algo, policy, ref, *rest)
+
+    monkeypatch.setattr(loop, "rl_train", spy)
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", "--lora-r", "4", "--lr", "3e-3"))
+    policy = seen["policy"]
+    after = {n: p for n, p in policy.named_parameters() if not p.requires_grad}
+    assert after.keys() == seen["base"].keys() and all(torch.equal(after[n], seen["base"][n]) for n in after)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in policy.named_parameters() if "lora_B" in n)
+    assert list(seen["ref"].parameters()) == []
+    steps = training_records(tmp_path / "out" / "metrics.jsonl")
+    assert all(m["val/ratio_first_max_dev"] == 0.0 for m in steps if "objective/kl" in m)
+    assert steps[0]["eval/kl"] == 0.0  # policy = reference before the first update
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert summary["params/trained"] == trained and summary["params/frozen"] == \
+        sum(p.numel() for p in after.values()) + sum(p.numel() for p in gvm.load_value_model(str(tiny_gvm))[0].parameters())
+
+
+def test_lora_value_models_train_the_head_in_full_and_ppo_holds_one_base_per_backbone(tiny_world, tiny_gvm, tmp_path):
+    pairs = str(tiny_world / "data" / "pairs_train.jsonl")
+    gvm.main(["--model", str(tiny_world / "sft"), "--data", pairs, "--eval-data", pairs, "--out", str(tmp_path / "gvm"),
+              "--max-steps", "3", "--lora-r", "4", "--lr", "1e-2"])
+    summary = json.loads((tmp_path / "gvm" / "summary.json").read_text())
+    model, tok, _ = gvm.load_value_model(str(tmp_path / "gvm"))  # merged: a plain backbone and its head
+    assert summary["params/trained"] < summary["params"] / 5 and model.head.weight.abs().sum() > 0
+    rm, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    gvm.save_value_model(rm, tok, str(tmp_path / "rm"), {"kind": "reward-model"})
+    args = ppo_baseline.Args(policy=str(tiny_world / "sft"), lora_r=4)
+    reward_model, critic = ppo_baseline.reward_model_and_critic(str(tmp_path / "rm"), args, tok, "cpu",
+                                                                rollout.Precision("fp32", "cpu"))
+    assert list(reward_model.backbone.parameters()) == []  # the reward model is the critic's base, adapters off
+    assert {n for n, p in critic.named_parameters() if p.requires_grad} == \
+        {n for n, _ in critic.named_parameters() if ".lora_" in n or n.startswith("head.")}
+    randomise_adapters(critic)
+    ids = torch.tensor([tok("the plot was very good .")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(reward_model(ids, torch.ones_like(ids)), rm(ids, torch.ones_like(ids)))
+        assert not torch.equal(critic(ids, torch.ones_like(ids)), rm(ids, torch.ones_like(ids)))
+
+
+def test_8bit_adamw_trains_only_what_trains_and_its_absence_is_one_line(tiny_world, tiny_gvm, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", "--optim", "adamw8bit", "--lora-r", "4",
+                          "--steps", "1", "--lr", "1e-2")
+    seen = {}
+    real_train = loop.rl_train
+
+    def spy(args, algo, policy, ref, *rest):
+        seen["before"] = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        seen["policy"] = policy
+        return real_train(args, algo, policy, ref, *rest)
+
+    monkeypatch.setattr(loop, "rl_train", spy)
+    dvpo.main(argv)
+    changed = {n for n, p in seen["policy"].named_parameters() if not torch.equal(p, seen["before"][n])}
+    assert changed and changed <= {n for n, p in seen["policy"].named_parameters() if p.requires_grad}
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    err = one_line_error(capsys, lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out2", "--optim", "adamw8bit")))
+    assert "--optim adamw8bit: needs bitsandbytes" in err and not (tmp_path / "out2").exists()
+
+
+def test_lora_model_states_follow_the_byte_rule_with_one_base_per_backbone(tiny_world, tiny_gvm, tmp_path):
+    """Measured tally = 16 B per trained (adapter, critic head) and 2 B per frozen parameter under bf16, where
+    the frozen ones are one base per backbone: DVPO the policy's (shared by the reference) and the GVM, PPO
+    the policy's and the reward model's (shared by the critic)."""
+    model, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    gvm.save_value_model(model, tok, str(tmp_path / "rm"), {"kind": "reward-model"})
+    n_backbone = sum(p.numel() for p in model.parameters())
+    for script in ("dvpo", "ppo"):
+        argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / script, "--lora-r", "4", "--dtype", "bf16", "--steps", "1")
+        if script == "ppo":
+            argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(tmp_path / "rm")]
+        (ppo_baseline if script == "ppo" else dvpo).main(argv)
+        s = json.loads((tmp_path / script / "summary.json").read_text())
+        step = [m for m in training_records(tmp_path / script / "metrics.jsonl") if "objective/kl" in m][0]
+        assert step["memory/update_state_bytes"] == pytest.approx(16 * s["params/trained"] + 2 * s["params/frozen"], rel=1e-3)
+        policy_base = sum(p.numel() for p in data.load_pretrained(str(tiny_world / "sft"))[0].parameters())
+        assert s["params/frozen"] == policy_base + n_backbone  # two bases, whatever the method
+
+
+def test_a_lora_dvpo_run_raises_held_out_gold(default_world):
+    cwd, gvm_proc = default_world
+    assert gvm_proc.returncode == 0
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "dvpo.py"), "--gvm", "ckpt/gvm", "--steps", "20",
+                           "--eval-every", "10", "--lora-r", "8", "--lr", "3e-3", "--out", "ckpt/dvpo-lora"],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(line) for line in (cwd / "ckpt" / "dvpo-lora" / "metrics.jsonl").read_text().splitlines()
+             if "eval/gold" in line]
+    first, last = evals[0], evals[-1]
+    assert last["eval/gold"] - last["eval/gold_ci95"] > first["eval/gold"] + first["eval/gold_ci95"], (first, last)
