@@ -49,6 +49,7 @@ class Args:
     lora_r: int = arg(0, "LoRA rank: train adapters on every linear layer of the backbone (frozen in --dtype) and the head in full (0: full fine-tuning)", ">= 0")
     lora_alpha: float = arg(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r", "> 0")
     lora_dropout: float = arg(0.0, "dropout on the adapters' input", "[0, 1)")
+    lora_targets: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or comma-separated names, e.g. q_proj,v_proj")
     optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
     pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
@@ -335,7 +336,7 @@ def train(args: Args, objective=None):
     eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name, args.max_prompt_len, args.strict, positions)
     if args.lora_r:  # the backbone frozen in --dtype with adapters, the head trained in full and in fp32
         backbone = lora.add_lora(data.load_model(args.model, tok, "--model", causal_lm=False, dtype=prec.dtype),
-                                 args.lora_r, args.lora_alpha, args.lora_dropout)
+                                 args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     else:
         backbone = data.load_model(args.model, tok, "--model", causal_lm=False)
     model = ValueModel(backbone, dtype=torch.float32).to(device)

@@ -52,6 +52,7 @@ class RLArgs:
     lora_r: int = arg(0, "LoRA rank: the trained models train adapters on every linear layer, their base weights frozen in --dtype, and the reference is the policy with its adapters off (0: full fine-tuning)", ">= 0")
     lora_alpha: float = arg(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r", "> 0")
     lora_dropout: float = arg(0.0, "dropout on the adapters' input (0 keeps the first PPO ratio exactly 1)", "[0, 1)")
+    lora_targets: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or comma-separated names, e.g. q_proj,v_proj")
     optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     ppo_epochs: int = arg(4, "PPO epochs over each batch", ">= 1")
     cliprange: float = arg(0.2, "PPO ratio clip epsilon", "> 0")
@@ -144,7 +145,7 @@ def load_rl_models(args, tok, device, prec):
     if args.lora_r:
         base = data.load_model(args.policy, tok, "--policy", dtype=prec.dtype)
         policy = (lora.load_lora(base, os.path.join(args.out, lora.ADAPTER_DIR)) if args.resume else
-                  lora.add_lora(base, args.lora_r, args.lora_alpha, args.lora_dropout))
+                  lora.add_lora(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets))
     else:
         policy = data.load_model(args.out if args.resume else args.policy, tok, "--policy")
     if args.lora_r and not args.ref:

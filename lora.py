@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from runtime import UsageError
+
 ADAPTER_DIR = "adapter"
 
 
@@ -31,10 +33,14 @@ def add_lora(model, r, alpha, dropout, targets="all-linear"):
     """model with LoRA adapters (B zero-initialised, so it starts as the base model exactly); only they train."""
     p = peft()
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # GPT-2 stores its linear layers transposed
-    config = p.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, fan_in_fan_out=conv1d)
-    with warnings.catch_warnings():  # peft calls a gradient-checkpointing query that transformers 5 renamed
-        warnings.simplefilter("ignore", FutureWarning)
-        return p.get_peft_model(model, config)
+    names = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = p.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, fan_in_fan_out=conv1d)
+    try:
+        with warnings.catch_warnings():  # peft calls a gradient-checkpointing query that transformers 5 renamed
+            warnings.simplefilter("ignore", FutureWarning)
+            return p.get_peft_model(model, config)
+    except ValueError as e:  # no module of that name
+        raise UsageError(f"--lora-targets {targets}: {str(e).splitlines()[0][:200]}") from None
 
 
 def load_lora(model, folder):

@@ -76,7 +76,7 @@ def reward_model_path(args):
                        out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
                        micro_batch_size=args.micro_batch_size, dtype=args.dtype,
                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, optim=args.optim, seed=args.seed, device=args.device),
+                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, optim=args.optim, seed=args.seed, device=args.device),
               BradleyTerry())
     return args.rm_out
 
@@ -95,7 +95,7 @@ def reward_model_and_critic(path, args, tok, device, prec):
     rm = load_reward_model(path, args, tok, device, prec.dtype).requires_grad_(False)
     if not args.lora_r:
         return rm, load_reward_model(path, args, tok, device, torch.float32).requires_grad_(True)
-    backbone = lora.add_lora(rm.backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
+    backbone = lora.add_lora(rm.backbone, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     critic = gvm.ValueModel(backbone, head=copy.deepcopy(rm.head).float().requires_grad_(True))
     return gvm.ValueModel(lora.WithoutAdapters(backbone), head=rm.head), critic
 

@@ -1675,8 +1675,11 @@ def test_a_lora_dvpo_run_keeps_the_base_and_the_gvm_bit_identical(tiny_world, ti
         return real_train(args, algo, policy, ref, *rest)
 
     monkeypatch.setattr(loop, "rl_train", spy)
-    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", "--lora-r", "4", "--lr", "3e-3"))
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", "--lora-r", "4", "--lr", "3e-3",
+                             "--lora-targets", "q_proj,v_proj,down_proj"))
     policy = seen["policy"]
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in policy.named_parameters() if p.requires_grad}
+    assert adapted == {"q_proj", "v_proj", "down_proj"}
     after = {n: p for n, p in policy.named_parameters() if not p.requires_grad}
     assert after.keys() == seen["base"].keys() and all(torch.equal(after[n], seen["base"][n]) for n in after)
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in policy.named_parameters() if "lora_B" in n)
