@@ -1,10 +1,13 @@
-"""DVPO against PPO on one world, with the same seeds, flags and budget: memory, time and quality in one table
-(docs/DVPO.md §7). For each seed, dvpo.py and ppo_baseline.py run back to back, each in its own process (so RSS
-and CUDA peaks are its own), after the GVM and the reward model are trained on the same preference pairs.
+"""The methods side by side on one world, with the same seeds, loop, flags and budget: memory and time per
+phase, held-out gold and KL per seed, gold at equal wall-clock time (docs/DVPO.md §7). For each seed every
+method runs in its own process (so RSS and CUDA peaks are its own), after the GVM and the reward model are
+trained on the same preference pairs: DVPO, PPO, GRPO and ReMax online, DPO offline on the pairs, and, on
+request, PPO with its critic frozen and DVPO at lambda = 1.
 
-    python compare.py                                   # benchmark world (Llama, 4 layers, width 128), 3 seeds
+    python compare.py                                   # benchmark world (Llama, 4 layers, width 128), 5 methods, 3 seeds
+    python compare.py --methods dvpo,ppo,ppo-frozen,dvpo-lam1 --target-kl 6
     python compare.py --seeds 0 --steps 2 --eval-n 20   # a smoke run
-    python compare.py --analytic ckpt/qwen-config       # the memory model (§7) for a real model's config only
+    python compare.py --analytic docs/llama-3-8b        # the memory model (§7) for a real model's config only
 
 Memory on CUDA is torch.cuda.max_memory_allocated per phase; on CPU it is the tally of parameter, gradient and
 optimizer-state bytes plus the peak bytes of activations saved for backward, with process RSS beside it.
@@ -18,15 +21,27 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import dpo_baseline
 import gvm
 import loop
-import ppo_baseline
+import reward
 import runtime
 import world
 from runtime import UsageError, arg
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("generate", "score", "update")
+# name -> (script, label, its flags beyond the shared ones): the five methods, and two rows that isolate what a
+# frozen critic costs (PPO's critic frozen at the reward model; DVPO with the GVM's shaping off, lambda = 1)
+METHODS = {
+    "dvpo": ("dvpo.py", "DVPO", lambda a: ["--gvm", os.path.join(a.root, "gvm")]),
+    "ppo": ("ppo_baseline.py", "PPO", lambda a: ["--rm", os.path.join(a.root, "rm")]),
+    "grpo": ("grpo_baseline.py", "GRPO", lambda a: ["--rm", os.path.join(a.root, "rm"), "--group-size", str(a.group_size)]),
+    "remax": ("remax_baseline.py", "ReMax", lambda a: ["--rm", os.path.join(a.root, "rm")]),
+    "dpo": ("dpo_baseline.py", "DPO", None),
+    "ppo-frozen": ("ppo_baseline.py", "PPO, critic frozen", lambda a: ["--rm", os.path.join(a.root, "rm"), "--freeze-critic"]),
+    "dvpo-lam1": ("dvpo.py", "DVPO, λ = 1", lambda a: ["--gvm", os.path.join(a.root, "gvm"), "--lam", "1.0"]),
+}
 
 
 @dataclass
@@ -37,13 +52,19 @@ class Args:
     heads: int = arg(4, "attention heads of the benchmark world's Llama", ">= 1")
     sft_steps: int = arg(600, "SFT steps of the benchmark world", ">= 1")
     sft_lr: float = arg(2e-3, "SFT learning rate of the benchmark world", "> 0")
-    seeds: str = arg("0,1,2", "comma-separated seeds; each runs DVPO then PPO")
-    steps: int = arg(100, "RL steps of every run", ">= 1")
-    batch_size: int = arg(64, "prompts per RL step", ">= 1")
-    minibatch_size: int = arg(16, "responses per PPO minibatch", ">= 1")
+    methods: str = arg(",".join(METHODS), "comma-separated, run in this order for each seed: " + ", ".join(METHODS))
+    seeds: str = arg("0,1,2", "comma-separated seeds; each runs every method")
+    steps: int = arg(100, "RL steps of every online run", ">= 1")
+    batch_size: int = arg(64, "prompts per RL step (GRPO samples --group-size responses to each)", ">= 1")
+    minibatch_size: int = arg(16, "prompts' responses per PPO minibatch", ">= 1")
+    group_size: int = arg(4, "GRPO's responses per prompt", ">= 2")
+    target_kl: float = arg(6.0, "every online method adapts its beta towards this KL (nats/seq) with --kl-horizon, so quality compares at comparable KL; 0: each method's fixed beta", ">= 0")
+    kl_horizon: int = arg(640, "the adaptive KL controller's horizon, in samples, with --target-kl", ">= 1")
+    dpo_epochs: int = arg(3, "DPO's passes over the preference pairs", ">= 1")
+    dpo_beta: float = arg(0.1, "DPO's beta", "> 0")
     value_epochs: int = arg(3, "epochs of GVM and reward-model training (the same for both)", ">= 1")
     eval_n: int = arg(500, "held-out prompts of each run's evaluations", ">= 1")
-    extra: str = arg("", "more flags for both dvpo.py and ppo_baseline.py, e.g. '--dtype bf16 --micro-batch-size 4'")
+    extra: str = arg("", "more flags for every trainer, e.g. '--dtype bf16 --micro-batch-size 4'")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     json: str = arg("", "results file; empty: <root>/compare.json")
     analytic: str = arg("", "only print the analytic memory of DVPO and PPO for these models (config folders or hub names, comma-separated)")
@@ -72,7 +93,7 @@ def bench_world(args):
 def value_models(args, paths):
     """GVM (TD(lambda)) and reward model (Bradley-Terry) from one loop, one backbone and the same pairs."""
     out = {}
-    for kind, folder, objective in (("gvm", "gvm", None), ("rm", "rm", ppo_baseline.BradleyTerry())):
+    for kind, folder, objective in (("gvm", "gvm", None), ("rm", "rm", reward.BradleyTerry())):
         a = gvm.Args(model=paths["sft"], data=paths["pairs"], eval_data=paths["pairs_eval"],
                      out=os.path.join(args.root, folder), epochs=args.value_epochs, device=args.device)
         out[kind] = gvm.train(a, objective)
@@ -89,33 +110,44 @@ def run(script, flags, log_path):
 
 
 def read_run(folder):
+    """(step records, evaluation records, summary) of one run."""
     lines = [json.loads(x) for x in open(os.path.join(folder, "metrics.jsonl"))]
     return ([m for m in lines if "time/update" in m], [m for m in lines if "eval/gold" in m],
             json.load(open(os.path.join(folder, "summary.json"))))
 
 
 def memory(steps, cuda):
-    """Peak bytes per phase and overall, the model-state tally, and RSS, over a run's steps."""
+    """Peak bytes per phase and overall, the model-state tally, and RSS, over a run's steps (DPO has no
+    generate or score phase)."""
     out = {}
-    for p in PHASES:
+    phases = [p for p in PHASES if f"time/{p}" in steps[0]]
+    for p in phases:
         if cuda:
             out[p] = max(m[f"memory/{p}_peak_bytes"] for m in steps)
         else:
             out[p] = max(m[f"memory/{p}_state_bytes"] + m[f"memory/{p}_activation_bytes"] for m in steps)
         out[f"{p}_activations"] = max(m[f"memory/{p}_activation_bytes"] for m in steps)
-    out["overall"] = max(out[p] for p in PHASES)
+    out["overall"] = max(out[p] for p in phases)
     if not cuda:
         out["states_measured"] = max(m["memory/update_state_bytes"] for m in steps)
-        out["rss"] = max(m[f"memory/{p}_rss_bytes"] for m in steps for p in PHASES)
+        out["rss"] = max(m[f"memory/{p}_rss_bytes"] for m in steps for p in phases)
     return out
+
+
+def at_time(evals, seconds):
+    """The held-out gold of the last evaluation done within `seconds` of a run's start."""
+    done = [e for e in evals if e.get("time/elapsed", 0.0) <= seconds]
+    return done[-1]["eval/gold"] if done else None
 
 
 def summarize(method, runs, cuda):
     """Medians of per-step times over all steps but each run's first (warm-up) over all seeds; worst-case
     memory over seeds; quality per seed."""
     steps = [m for st, _, _ in runs for m in (st[1:] if len(st) > 1 else st)]
-    times = {p: statistics.median(m[f"time/{p}"] for m in steps) for p in PHASES}
-    times["step"] = statistics.median(sum(m[f"time/{p}"] for p in PHASES) for m in steps)
+    phases = [p for p in PHASES if f"time/{p}" in steps[0]]
+    times = {p: statistics.median(m[f"time/{p}"] for m in steps) for p in phases}
+    times["step"] = statistics.median(sum(m[f"time/{p}"] for p in phases) for m in steps)
+    times["run"] = statistics.median(s["time/wall_seconds"] for _, _, s in runs)
     mems = [memory(st, cuda) for st, _, _ in runs]
     mem = {k: max(m[k] for m in mems) for k in mems[0]}
     s0 = runs[0][2]
@@ -125,37 +157,58 @@ def summarize(method, runs, cuda):
     quality = [{"seed": s["args"]["seed"], "gold": s["eval/gold"], "gold_ci95": s["eval/gold_ci95"],
                 "kl": s["eval/kl"]} for _, _, s in runs]
     curve = [[(e["eval/kl"], e["eval/gold"]) for e in ev] for _, ev, _ in runs]
-    return {"method": method, "time": times, "memory": mem, "quality": quality, "curve": curve,
-            "params_trained": s0["params/trained"], "params_frozen": s0["params/frozen"]}
+    return {"method": method, "label": METHODS[method][1], "time": times, "memory": mem, "quality": quality,
+            "curve": curve, "evals": [ev for _, ev, _ in runs], "params_trained": s0["params/trained"],
+            "params_frozen": s0["params/frozen"]}
 
 
 def mib(x):
     return f"{x / 2 ** 20:.1f}"
 
 
-def report(res, vm, args, cuda, device_name):
-    d, p = res["dvpo"], res["ppo"]
+def report(res, vm, args, cuda, device_name, n_pairs):
+    """Markdown tables: memory and time per phase (one column per method, its ratio to PPO's beside it),
+    held-out gold and KL per seed, gold at equal wall-clock time, and the value models."""
+    ms = list(res)
+    base = res.get("ppo")
+
+    def cells(get, fmt):
+        out = []
+        for m in ms:
+            v, b = get(res[m]), (get(base) if base else None)
+            out.append("—" if v is None else fmt(v) + (f" ({v / b:.2f})" if b and m != "ppo" else ""))
+        return " | ".join(out)
+
     kind = "peak allocated (torch.cuda.max_memory_allocated)" if cuda else \
-        "model states (params + grads + AdamW) + activations saved for backward"
-    lines = [f"## DVPO vs PPO on {device_name}: {args.steps} steps of {args.batch_size} prompts, seeds {args.seeds}",
-             "", f"Policy {d['params_trained']:,} trained parameters; memory in MiB, {kind}.", "",
-             "| memory | DVPO | PPO | DVPO/PPO |", "| --- | --- | --- | --- |"]
-    rows = [(f"{ph} phase", ph) for ph in PHASES] + [("overall peak", "overall"),
-                                                     ("model states, analytic (16 B/trained, 4 or 2 B/frozen param)", "states_analytic")]
+        "model states (params + grads + optimizer) + activations saved for backward"
+    head = "| " + " | ".join(res[m]["label"] for m in ms) + " |"
+    sep = "| --- " * (len(ms) + 1) + "|"
+    target = f"β adapted towards KL {args.target_kl} (horizon {args.kl_horizon})" if args.target_kl else "each method's fixed β"
+    lines = [f"## {len(ms)} methods on {device_name}, seeds {args.seeds}", "",
+             f"Online methods: {args.steps} steps of {args.batch_size} prompts (GRPO: {args.group_size} responses each), "
+             f"minibatches of {args.minibatch_size} prompts, {target}. DPO: {args.dpo_epochs} epoch(s) over the "
+             f"{n_pairs} preference pairs, β = {args.dpo_beta}. Memory in MiB, {kind}; in brackets the ratio to PPO.", "",
+             f"| memory {head}", sep]
+    rows = [(f"{ph} phase", ph) for ph in PHASES] + [("overall peak", "overall"), ("model states, analytic", "states_analytic")]
     if not cuda:
         rows += [("model states, measured tally", "states_measured"), ("activations, update phase", "update_activations"),
                  ("process RSS (max, for reference)", "rss")]
     for label, k in rows:
-        lines.append(f"| {label} | {mib(d['memory'][k])} | {mib(p['memory'][k])} | {d['memory'][k] / p['memory'][k]:.2f} |")
-    lines += ["", "| median time per RL step, s | DVPO | PPO | DVPO/PPO |", "| --- | --- | --- | --- |"]
+        lines.append(f"| {label} | " + cells(lambda r: r["memory"].get(k), mib) + " |")
+    lines += ["", f"| median time per step, s {head}", sep]
     for k in (*PHASES, "step"):
-        lines.append(f"| {k} | {d['time'][k]:.3f} | {p['time'][k]:.3f} | {d['time'][k] / p['time'][k]:.2f} |")
-    lines += ["", f"| held-out gold after {args.steps} steps ({args.eval_n} prompts, ± 95% CI) | per seed | mean | KL, nats/seq |",
-              "| --- | --- | --- | --- |"]
-    for r in (d, p):
+        lines.append(f"| {k} | " + cells(lambda r: r["time"].get(k), lambda v: f"{v:.3f}") + " |")
+    lines.append("| whole run (median over seeds), s | " + cells(lambda r: r["time"]["run"], lambda v: f"{v:.1f}") + " |")
+    equal = res["dvpo"]["time"]["run"] if "dvpo" in res else min(res[m]["time"]["run"] for m in ms)  # DVPO's time
+    lines += ["", f"| held-out gold ({args.eval_n} prompts, ± 95% CI) | per seed | mean | KL, nats/seq | gold within {equal:.1f} s (DVPO's run) |",
+              "| --- | --- | --- | --- | --- |"]
+    for m in ms:
+        r = res[m]
         per = " / ".join(f"{q['gold']:+.3f} ± {q['gold_ci95']:.3f}" for q in r["quality"])
-        lines.append(f"| {r['method'].upper()} | {per} | {statistics.mean(q['gold'] for q in r['quality']):+.3f} "
-                     f"| {statistics.mean(q['kl'] for q in r['quality']):.2f} |")
+        timed = [g for g in (at_time(ev, equal) for ev in r["evals"]) if g is not None]
+        lines.append(f"| {r['label']} | {per} | {statistics.mean(q['gold'] for q in r['quality']):+.3f} "
+                     f"| {statistics.mean(q['kl'] for q in r['quality']):.2f} | "
+                     + (f"{statistics.mean(timed):+.3f} |" if timed else "— |"))
     lines += ["", "| value model (same backbone, same pairs) | held-out acc, final value | held-out acc, mean value | training s |",
               "| --- | --- | --- | --- |"]
     for name, k in (("GVM (TD(λ), ±1 labels)", "gvm"), ("reward model (Bradley–Terry)", "rm")):
@@ -173,13 +226,13 @@ def plot(res, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for method, color in (("dvpo", "tab:blue"), ("ppo", "tab:orange")):
-        for i, curve in enumerate(res[method]["curve"]):
-            ax.plot(*zip(*curve), "o-", color=color, alpha=0.7, label=method.upper() if i == 0 else None)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m, color in zip(res, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray")):
+        for i, curve in enumerate(res[m]["curve"]):
+            ax.plot(*zip(*curve), "o-", color=color, alpha=0.6, label=res[m]["label"] if i == 0 else None)
     ax.set_xlabel("KL(π‖π_ref), nats per sequence")
     ax.set_ylabel("held-out gold reward (VADER)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -264,6 +317,20 @@ def analytic_memory(args):
     return {**(out[name] if len(out) == 1 else {}), "models": out, "table": table}
 
 
+def method_flags(args, method, paths, device, extra, n_pairs):
+    """The command line of one method's run: the online methods share theirs; DPO trains on the pairs."""
+    if method == "dpo":
+        steps = -(-n_pairs // 32) * args.dpo_epochs
+        return ["--policy", paths["sft"], "--data", paths["pairs"], "--eval-data", paths["pairs_eval"],
+                "--eval-prompts", paths["prompts_eval"], "--eval-n", str(args.eval_n), "--epochs", str(args.dpo_epochs),
+                "--beta", str(args.dpo_beta), "--eval-every", str(max(1, steps // 4)), "--device", str(device), *extra]
+    kl = ["--adaptive-kl", "--target-kl", str(args.target_kl), "--kl-horizon", str(args.kl_horizon)] if args.target_kl else []
+    return ["--policy", paths["sft"], "--prompts", paths["prompts"], "--eval-prompts", paths["prompts_eval"],
+            "--eval-n", str(args.eval_n), "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 4)),
+            "--batch-size", str(args.batch_size), "--minibatch-size", str(args.minibatch_size),
+            "--table-every", str(10 ** 9), "--device", str(device), *kl, *METHODS[method][2](args), *extra]
+
+
 def compare(args: Args):
     if args.analytic:
         return analytic_memory(args)
@@ -271,11 +338,16 @@ def compare(args: Args):
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):
         raise UsageError(f"--seeds {args.seeds}: name seeds as comma-separated whole numbers, e.g. 0,1,2")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise UsageError(f"--methods {args.methods}: choose from {', '.join(METHODS)}")
     try:
         extra = shlex.split(args.extra)
     except ValueError as e:
         raise UsageError(f"--extra {args.extra}: {e}") from None
     runtime.parse_args(loop.RLArgs, extra)  # an unknown or malformed flag stops here, not after the world is built
+    if "dpo" in methods:
+        runtime.parse_args(dpo_baseline.Args, extra)
     path = args.json or os.path.join(args.root, "compare.json")
     runtime.check_writable(args.root, "--root")
     runtime.check_output_file(path, "--json")
@@ -283,23 +355,20 @@ def compare(args: Args):
     t0 = time.time()
     paths = bench_world(args)
     vm = value_models(args, paths)
-    common = ["--policy", paths["sft"], "--prompts", paths["prompts"], "--eval-prompts", paths["prompts_eval"],
-              "--eval-n", str(args.eval_n), "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 4)),
-              "--batch-size", str(args.batch_size), "--minibatch-size", str(args.minibatch_size),
-              "--table-every", str(10 ** 9), "--device", str(device), *extra]
-    runs = {"dvpo": [], "ppo": []}
-    for seed in seeds:  # back to back, so that both methods meet the same machine load
-        for method, script, extra in (("dvpo", "dvpo.py", ["--gvm", os.path.join(args.root, "gvm")]),
-                                      ("ppo", "ppo_baseline.py", ["--rm", os.path.join(args.root, "rm")])):
+    n_pairs = sum(1 for _ in open(paths["pairs"]))
+    runs = {m: [] for m in methods}
+    for seed in seeds:  # back to back, so that every method meets the same machine load
+        for method in methods:
             out = os.path.join(args.root, f"{method}-s{seed}")
             print(f"compare: {method} seed {seed} -> {out}", flush=True)
-            run(script, [*common, *extra, "--seed", str(seed), "--out", out], out + ".log")
+            run(METHODS[method][0], [*method_flags(args, method, paths, device, extra, n_pairs), "--seed", seed,
+                                     "--out", out], out + ".log")
             runs[method].append(read_run(out))
     cuda = device.type == "cuda"
     device_name = (f"CUDA ({__import__('torch').cuda.get_device_name(device)})" if cuda
                    else f"CPU ({os.cpu_count()} cores)")
     res = {m: summarize(m, runs[m], cuda) for m in runs}
-    table = report(res, vm, args, cuda, device_name)
+    table = report(res, vm, args, cuda, device_name, n_pairs)
     print("\n" + table)
     results = {**res, "value_models": {k: {kk: v for kk, v in s.items() if kk != "args"} for k, s in vm.items()},
                "device": device_name, "wall_seconds": time.time() - t0, "args": asdict(args), "table": table}

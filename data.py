@@ -116,7 +116,7 @@ def eos_ids(tok, model):
     """Every EOS id the tokenizer and the model declare (Llama-3-Instruct: [128001, 128008, 128009];
     Qwen2.5-Instruct: [151645, 151643]): a response ends at the first of any of them."""
     ids = {tok.eos_token_id}
-    for config in (model.config, getattr(model, "generation_config", None)):
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
         declared = getattr(config, "eos_token_id", None)
         ids.update(declared if isinstance(declared, (list, tuple)) else [declared])
     return sorted(i for i in ids if i is not None)
@@ -183,15 +183,16 @@ def save_pretrained(model, tok, folder):
 
 # ---------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.0):
+def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.0, greedy=False):
     """Continuations of left-padded prompts sampled from softmax(logits / temperature) itself (docs/DVPO.md §3), the
     policy whose log-probs the trainers compute. The model's generation_config is set aside for the call:
     generate() fills every setting left unset from it, so a checkpoint's repetition_penalty (Qwen2.5-Instruct),
     no_repeat_ngram_size, min_new_tokens or bad_words_ids would otherwise make samples off-policy. Stops on
-    every EOS id the model declares; never samples suppressed_ids. Returns prompt + continuation ids."""
+    every EOS id the model declares; never samples suppressed_ids. greedy: the argmax continuation instead
+    (ReMax's baseline). Returns prompt + continuation ids."""
     from transformers import GenerationConfig
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, eos_token_id=eos_ids(tok, model),
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids(tok, model),
                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                               suppress_tokens=suppressed_ids(tok) or None)
     owner = model.get_base_model() if lora.is_lora(model) else model  # whose generate() reads generation_config

@@ -51,9 +51,8 @@ def compute_advantages(variant, values, smask, rewards, gamma, lam):
         adv, _ = rollout.gae(rewards, values[:, :-1], amask, gamma, lam)
     elif variant == "delta":
         # the value of the complete response as terminal reward, GVM as baseline: potential-based shaping
-        terminal = values.gather(1, T[:, None])
-        last = torch.nn.functional.one_hot((T - 1).clamp(min=0), rewards.shape[1]).to(rewards.dtype)
-        adv, _ = rollout.gae(rewards + terminal * last, values[:, :-1], amask, gamma, lam)
+        terminal = values.gather(1, T[:, None]).squeeze(1)
+        adv, _ = rollout.gae(rollout.add_at_last_token(rewards, amask, terminal), values[:, :-1], amask, gamma, lam)
     elif variant == "static":
         # the v2 paper's static advantage Q(s_t, y_t) = V(s_{t+1}), plus the token's own KL reward
         adv = (values[:, 1:] + rewards) * amask

@@ -88,7 +88,7 @@ def validate_rl(args):
 
 # flags a resumed run may change: they set the length of the run, its logging, evaluation and memory use, not
 # the update it computes (micro-batches and chunks compute the same update, up to float rounding)
-RESUME_MAY_CHANGE = ("steps", "resume", "save_every", "eval_every", "eval_n", "eval_prompts", "eval_split",
+RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "save_every", "eval_every", "eval_n", "eval_prompts", "eval_split",
                      "table_every", "device", "micro_batch_size", "forward_batch_size", "logprob_chunk",
                      "gradient_checkpointing", "strict", "out")
 
@@ -116,6 +116,18 @@ def check_resume(args):
         raise UsageError(f"--resume: {args.out} was run with " + ", ".join(flag_text(k, before[k]) for k in changed)
                          + "; a resumed run may change only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE
                                                                          if k not in ("resume", "out")))
+
+
+def load_state(args, name):
+    """trainer_state.pt of the run in --out, onto the CPU (wherever it was written), checked to be a `name` run."""
+    path = os.path.join(args.out, STATE_FILE)
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or empty: zipfile, pickle and EOF errors alike
+        raise UsageError(f"--resume: {path} is damaged ({type(e).__name__}); resume from an earlier copy or start again") from None
+    if st["algo"] != name:
+        raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {name} one")
+    return st
 
 
 def load_rl_data(args):
@@ -161,10 +173,7 @@ def load_rl_models(args, tok, device, prec):
 def kl_rewards(kl, mask, ended, beta, missing_eos_penalty=0.0):
     """Per-token rewards r_t = -beta * kl_t (§3), and -missing_eos_penalty on the last token of a response
     the length budget cut before its EOS (§5.2, TRL's missing_eos_penalty)."""
-    rewards = -beta * kl * mask
-    T = mask.sum(1).long()
-    rewards[torch.arange(len(T)), (T - 1).clamp(min=0)] -= missing_eos_penalty * (~ended).to(rewards.dtype)
-    return rewards
+    return rollout.add_at_last_token(-beta * kl * mask, mask, -missing_eos_penalty * (~ended).float())
 
 
 class AdaptiveKL:
@@ -242,7 +251,12 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     log -> periodic held-out gold evaluation -> checkpoint. `algo` holds what differs between the methods:
     its critic, `advantages(r, rewards) -> [B, R]`, `score` (the critic's V(s_T) or RM score, [B]), `name`,
     `describe` (for the first printed line), `score_name`, `models` and `optimizers` (for the memory tally),
-    and optionally `minibatch_step`, `state_dict` and `load_state_dict` (a trained critic)."""
+    and optionally `minibatch_step`, `state_dict` and `load_state_dict` (a trained critic);
+    `samples_per_prompt` (a group of responses per prompt; minibatches then hold as many groups' worth),
+    `kl_in_loss` (beta * k3 to the reference in the loss instead of the per-token reward), `whiten` (False:
+    the advantages are used as computed), `loss_aggregation` (rollout.loss_weights) and
+    `after_generate(policy, tok, r)` (more generation, timed with the generate phase)."""
+    G, kl_in_loss = getattr(algo, "samples_per_prompt", 1), getattr(algo, "kl_in_loss", False)
     opt = rollout.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
     params = {id(p): p for m in (policy, ref, *algo.models) for p in m.parameters()}  # a shared base counted once
     frozen = {i for i, p in params.items() if not p.requires_grad}
@@ -254,13 +268,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     records, ev, start, elapsed = [], {}, 0, 0.0
     use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
     if args.resume:
-        path = os.path.join(args.out, STATE_FILE)
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or empty: zipfile, pickle and EOF errors alike
-            raise UsageError(f"--resume: {path} is damaged ({type(e).__name__}); resume from an earlier copy or start again") from None
-        if st["algo"] != algo.name:
-            raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {algo.name} one")
+        st = load_state(args, algo.name)
         if st["step"] >= args.steps:
             raise UsageError(f"--resume: {args.out} has done {st['step']} steps already; raise --steps above that")
         opt.load_state_dict(st["optimizer"])
@@ -295,29 +303,33 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
         if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not done_here:
             with prec.autocast():
                 ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000, use_gold)
-            records.append({"step": step, **ev})
+            records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
             gold = gold_text(ev, "eval/gold", "eval/gold_ci95")
             tqdm.write(f"eval step {step} | " + (f"held-out gold {gold} | " if gold else "") +
                        f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f} | length {ev['eval/length']:.1f}")
         if step == args.steps:
             break
-        batch = [prompts[i] for i in sampler.take(args.batch_size)]
+        batch = [prompts[i] for i in sampler.take(args.batch_size) for _ in range(G)]
         with probe.phase("generate"), prec.autocast():
             r = generate(policy, tok, [p for p, _ in batch], args.max_new_tokens, args.temperature,
                          ids=[ids for _, ids in batch], chunk=args.forward_batch_size)
+            if hasattr(algo, "after_generate"):
+                algo.after_generate(policy, tok, r)
         with probe.phase("score"):
-            plans = minibatches(args.batch_size, args.minibatch_size, args.ppo_epochs, gen)
+            plans = minibatches(len(batch), args.minibatch_size * G, args.ppo_epochs, gen)
             old_logp = old_logprobs(policy, r, plans[0], args, prec)
             with prec.autocast():
                 ref_logp = in_chunks(lambda x: response_logprobs(ref, x, args.temperature, chunk=args.logprob_chunk),
                                      r, args.forward_batch_size)
             kl = kl_k1(old_logp, ref_logp) * r.response_mask
-            rewards = kl_rewards(kl, r.response_mask, r.ended, kl_ctl.beta, args.missing_eos_penalty)
+            rewards = kl_rewards(kl, r.response_mask, r.ended, 0.0 if kl_in_loss else kl_ctl.beta, args.missing_eos_penalty)
             T = r.response_mask.sum(1).long()
             with prec.autocast():
-                adv = masked_whiten(algo.advantages(r, rewards), r.response_mask)
+                adv = algo.advantages(r, rewards)
+                adv = masked_whiten(adv, r.response_mask) if getattr(algo, "whiten", True) else adv
         with probe.phase("update"):
-            stats = ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None))
+            stats = ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None),
+                               ref_logp if kl_in_loss else None, kl_ctl.beta, getattr(algo, "loss_aggregation", "token"))
         for o in (opt, *algo.optimizers):  # gradients are not held through the next generation
             o.zero_grad(set_to_none=True)
         gold = world.gold_scores(r.texts) if use_gold else None
@@ -330,7 +342,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
              **stats, **probe.pop(), "time/elapsed": time.time() - t0}
         records.append({"step": step + 1, **m})
         if args.adaptive_kl:
-            kl_ctl.update(seq_kl, args.batch_size)
+            kl_ctl.update(seq_kl, len(batch))
         tqdm.write(f"step {step + 1}/{args.steps} | " + (f"gold {gold_text(m, 'objective/gold')} | " if use_gold else "") +
                    f"kl {seq_kl:.2f} | "
                    f"{algo.score_name} {m[f'objective/{algo.score_name}']:+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "

@@ -62,6 +62,12 @@ def gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
+def add_at_last_token(rewards, mask, x):
+    """rewards [B, R] with x [B] added at each response's last token (a terminal score or penalty)."""
+    T = mask.sum(1).long().clamp(min=1)
+    return rewards + F.one_hot(T - 1, rewards.shape[1]).to(rewards.dtype) * x[:, None].to(rewards.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- generation
 @dataclass
 class Rollout:
@@ -97,10 +103,10 @@ def truncate_after_eos(response_ids, eos_ids, pad_id):
 
 
 @torch.no_grad()
-def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, chunk=0):
+def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, chunk=0, greedy=False):
     """Sample one response per prompt from the policy itself (data.sample: no logits processor but the
     temperature, every declared EOS id), `chunk` prompts per call (0: all at once); §5.1–5.2. `ids` are the
-    prompts' token ids (data.prompt_ids) when already computed."""
+    prompts' token ids (data.prompt_ids) when already computed. greedy: argmax decoding instead."""
     device = next(policy.parameters()).device
     pad_id, eos = tok.pad_token_id, data.eos_ids(tok, policy)
     ids = ids if ids is not None else [data.prompt_ids(tok, p) for p in prompts]
@@ -114,7 +120,7 @@ def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, ch
     was_training = policy.training
     policy.eval()
     outs = [data.sample(policy, tok, prompt_ids[i:i + (chunk or B)], prompt_mask[i:i + (chunk or B)],
-                        max_new_tokens, temperature)[:, P:] for i in range(0, B, chunk or B)]
+                        max_new_tokens, temperature, greedy)[:, P:] for i in range(0, B, chunk or B)]
     policy.train(was_training)
     R = max(o.shape[1] for o in outs)
     response = torch.cat([F.pad(o, (0, R - o.shape[1]), value=pad_id) for o in outs])
@@ -122,6 +128,20 @@ def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, ch
     texts = data.continuations(tok, prompt_ids, response)
     return Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask.long()], 1), mask, P, ended,
                    list(prompts), texts, data.suppressed_ids(tok))
+
+
+def rollout_of(tok, rows, prompts=None):
+    """A Rollout of given (prompt ids, response ids) rows, in generate's layout (prompts left-padded, responses
+    right-padded, masked after their first EOS): scored with the same functions as sampled ones (DPO's pairs)."""
+    P, R = max(len(p) for p, _ in rows), max(len(x) for _, x in rows)
+    ids = torch.full((len(rows), P + R), tok.pad_token_id)
+    attention = torch.zeros(len(rows), P + R, dtype=torch.long)
+    for b, (p, x) in enumerate(rows):
+        ids[b, P - len(p):P + len(x)] = torch.tensor(p + x)
+        attention[b, P - len(p):P + len(x)] = 1
+    ended = torch.tensor([bool(x) and x[-1] in data.eos_ids(tok, None) for _, x in rows])
+    return Rollout(ids, attention, attention[:, P:].float(), P, ended, prompts or [""] * len(rows), [""] * len(rows),
+                   data.suppressed_ids(tok))
 
 
 def logits_at_responses(model, rollout):
@@ -363,9 +383,23 @@ def micro_batches(n, size):
 
 
 # ---------------------------------------------------------------------------------------------- the PPO update
-def ppo_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
+def loss_weights(mask, aggregation, max_len):
+    """Per-token weights of a minibatch's loss, [B, R]. "token": 1/n, every token of the minibatch alike (the
+    default, as in TRL's PPO); "sequence": 1/(T_i * B), each response's token mean, then the mean over
+    responses (GRPO, Shao et al. 2024); "constant": 1/(max_len * B), token sums over a fixed length (Dr. GRPO,
+    Liu et al. 2025, which removes GRPO's length normalisation)."""
+    B = mask.shape[0]
+    if aggregation == "sequence":
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1) * B)
+    if aggregation == "constant":
+        return mask / (max_len * B)
+    return mask / mask.sum().clamp(min=1)
+
+
+def ppo_loss(new_logp, old_logp, adv, mask, cliprange, n=None, weight=None):
     """Clipped surrogate: sum over response tokens of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) / n.
-    n defaults to the token count (the mean); a micro-batch passes its minibatch's count (accumulation)."""
+    n defaults to the token count (the mean); a micro-batch passes its minibatch's count (accumulation).
+    `weight` (loss_weights) replaces mask / n in the loss, not in the statistics."""
     n = mask.sum().clamp(min=1) if n is None else n
     ratio = torch.exp(new_logp - old_logp)
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
@@ -374,7 +408,7 @@ def ppo_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
                  "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
                  "val/ratio": (ratio * mask).sum() / n,
                  "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
-    return (loss * mask).sum() / n, stats
+    return ((loss * mask).sum() / n if weight is None else (loss * weight).sum()), stats
 
 
 def minibatches(batch_size, minibatch_size, epochs, generator):
@@ -418,27 +452,38 @@ def accumulated_step(opt, prec, params, max_norm, mb, micro_batch_size, micro_lo
     return total, prec.step(opt, params, max_norm)
 
 
-def policy_step(policy, opt, prec, mb, old_logp, adv, args):
-    """One clipped policy-gradient step on a minibatch; its statistics as floats."""
+def policy_step(policy, opt, prec, mb, old_logp, adv, args, ref_logp=None, kl_coef=0.0, aggregation="token"):
+    """One clipped policy-gradient step on a minibatch; its statistics as floats. With ref_logp, the loss also
+    holds kl_coef * k3(pi || pi_ref) per token (GRPO's KL term), weighted like the surrogate."""
+    weight = None if aggregation == "token" else loss_weights(mb.response_mask, aggregation, args.max_new_tokens)
+
     def micro_loss(idx, micro, n):
         new_logp, entropy = response_logprobs(policy, micro, args.temperature, with_entropy=True,
                                               chunk=args.logprob_chunk)
-        loss, s = ppo_loss(new_logp, old_logp[idx], adv[idx], micro.response_mask, args.cliprange, n)
-        return loss, {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * micro.response_mask).sum() / n}
+        w = None if weight is None else weight[idx]
+        loss, s = ppo_loss(new_logp, old_logp[idx], adv[idx], micro.response_mask, args.cliprange, n, w)
+        s = {**s, "loss/policy": loss.detach()}
+        if ref_logp is not None:
+            k3 = kl_k3(new_logp, ref_logp[idx]) * micro.response_mask
+            kl_loss = (k3 * w).sum() if w is not None else k3.sum() / n
+            loss, s["loss/kl"] = loss + kl_coef * kl_loss, kl_loss.detach()
+        return loss, {**s, "policy/entropy": (entropy.detach() * micro.response_mask).sum() / n}
 
     total, grad_norm = accumulated_step(opt, prec, policy.parameters(), args.max_grad_norm, mb,
                                         args.micro_batch_size, micro_loss)
     return {**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm), **prec.loss_scale("policy")}
 
 
-def ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, extra_step=None):
+def ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, extra_step=None, ref_logp=None, kl_coef=0.0,
+               aggregation="token"):
     """--ppo-epochs of minibatch steps: the policy's, then extra_step(idx, mb) (PPO's critic) on the same
     minibatch. The mean of each statistic, and the largest |ratio - 1| of the very first minibatch."""
     stats = []
     for epoch_plan in plans:
         for idx in epoch_plan:
             mb = r.index(idx)
-            s = policy_step(policy, opt, prec, mb, old_logp[idx], adv[idx], args)
+            s = policy_step(policy, opt, prec, mb, old_logp[idx], adv[idx], args,
+                            None if ref_logp is None else ref_logp[idx], kl_coef, aggregation)
             if extra_step is not None:
                 s.update(extra_step(idx, mb))
             stats.append(s)

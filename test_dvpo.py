@@ -10,6 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import copy
 import hashlib
 import itertools
+import math
 import json
 import random
 import subprocess
@@ -24,6 +25,7 @@ import gvm
 import loop
 import lora
 import ppo_baseline
+import reward
 import rollout
 import runtime
 import world
@@ -635,7 +637,7 @@ def test_dvpo_raises_held_out_gold_and_evaluate_shows_it(default_world):
 
 # ---------------------------------------------------------------------------------------------- ppo_baseline.py, compare.py
 def test_bradley_terry_loss_by_hand():
-    loss = ppo_baseline.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    loss = reward.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
     # (-log sigmoid(1) - log sigmoid(-2)) / 2 = (0.31326 + 2.12693) / 2
     assert loss.item() == pytest.approx((0.313262 + 2.126928) / 2, abs=1e-5)
 
@@ -643,8 +645,8 @@ def test_bradley_terry_loss_by_hand():
 def test_reward_model_objective_reads_the_last_token_of_each_pair():
     values = torch.tensor([[0.0, 9.0, 2.0, 0.0], [0.0, 1.0, 9.0, 9.0]])  # chosen T=2, rejected T=1
     batch = {"state_mask": torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])}
-    loss, m = ppo_baseline.BradleyTerry().loss(values, batch)
-    assert loss.item() == pytest.approx(ppo_baseline.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0])).item())
+    loss, m = reward.BradleyTerry().loss(values, batch)
+    assert loss.item() == pytest.approx(reward.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0])).item())
     assert m["rm/accuracy"] == 1.0 and m["rm/margin"] == pytest.approx(1.0)
 
 
@@ -697,28 +699,37 @@ def test_ppo_baseline_raises_held_out_gold(default_world):
     assert len(steps) == 20 and all(m["val/ratio_first_max_dev"] == 0.0 for m in steps)
 
 
-def test_compare_runs_both_methods_and_reports_every_phase_and_ratio(tmp_path):
+def test_compare_runs_every_method_and_reports_every_phase_and_ratio(tmp_path):
+    import compare
     out = tmp_path / "cmp.json"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "compare.py"), "--root", str(tmp_path / "bench"),
                            "--hidden", "32", "--layers", "1", "--heads", "2", "--sft-steps", "60", "--seeds", "0",
                            "--steps", "2", "--eval-n", "10", "--batch-size", "8", "--minibatch-size", "4",
-                           "--value-epochs", "1", "--json", str(out), "--extra", "--micro-batch-size 2 --dtype bf16"],
+                           "--value-epochs", "1", "--dpo-epochs", "1", "--methods", ",".join(compare.METHODS),
+                           "--target-kl", "3", "--json", str(out), "--extra", "--micro-batch-size 2 --dtype bf16"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    for method in ("dvpo", "ppo"):
+    for method in compare.METHODS:
         mem, t = res[method]["memory"], res[method]["time"]
-        assert all(mem[p] > 0 for p in ("generate", "score", "update", "overall")) and set(t) >= {"generate", "score", "update", "step"}
-        # the tally of real parameter, gradient and AdamW-state bytes matches 16 B per trained and 4 B per frozen
-        # parameter (plus AdamW's one-number step counters)
+        phases = ("update",) if method == "dpo" else ("generate", "score", "update")
+        assert all(mem[p] > 0 for p in (*phases, "overall")) and set(t) >= {*phases, "step", "run"}
+        # the tally of real parameter, gradient and AdamW-state bytes matches 16 B per trained and 2 B per frozen
+        # (bf16) parameter, plus AdamW's one-number step counters
         assert mem["states_measured"] == pytest.approx(mem["states_analytic"], rel=1e-3)
         run_args = json.loads((tmp_path / "bench" / f"{method}-s0" / "summary.json").read_text())["args"]
-        assert (run_args["micro_batch_size"], run_args["dtype"]) == (2, "bf16")  # --extra reached both trainers
+        assert (run_args["micro_batch_size"], run_args["dtype"]) == (2, "bf16")  # --extra reached every trainer
+        if method != "dpo":
+            assert (run_args["adaptive_kl"], run_args["target_kl"], run_args["kl_horizon"]) == (True, 3.0, 640)
         assert len(res[method]["quality"]) == 1
     d, p = res["dvpo"]["memory"], res["ppo"]["memory"]
     assert d["states_analytic"] / p["states_analytic"] == pytest.approx(0.56, abs=0.01)  # bf16 frozen: 20 / 36 B/param
-    assert "DVPO/PPO" in proc.stdout and "| update |" in proc.stdout and "reward model" in proc.stdout
-    assert {"gvm", "rm"} <= set(res["value_models"])
+    frozen = json.loads((tmp_path / "bench" / "ppo-frozen-s0" / "summary.json").read_text())
+    dvpo_run = json.loads((tmp_path / "bench" / "dvpo-s0" / "summary.json").read_text())
+    assert frozen["params/trained"] == dvpo_run["params/trained"]  # the frozen critic trains nothing
+    assert "| update | " in proc.stdout and "gold within" in proc.stdout
+    assert f"| model states, analytic | {d['states_analytic'] / 2 ** 20:.1f} (0.56) |" in proc.stdout  # DVPO's column
+    assert "reward model" in proc.stdout and {"gvm", "rm"} <= set(res["value_models"])
 
 
 # ---------------------------------------------------------------------------------------------- data shapes
@@ -838,7 +849,7 @@ def test_gvm_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_backbo
     model = gvm.ValueModel(backbone)
     torch.nn.init.normal_(model.head.weight, std=0.1)
     samples = gvm.pair_samples(PAIRS * 2, tok, 64, "test")
-    for objective in (gvm.TDObjective(gvm.Args()), ppo_baseline.BradleyTerry()):
+    for objective in (gvm.TDObjective(gvm.Args()), reward.BradleyTerry()):
         grads = []
         for micro in (0, 2):
             m = copy.deepcopy(model)
@@ -1764,5 +1775,105 @@ def test_a_lora_dvpo_run_raises_held_out_gold(default_world):
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(line) for line in (cwd / "ckpt" / "dvpo-lora" / "metrics.jsonl").read_text().splitlines()
              if "eval/gold" in line]
+    first, last = evals[0], evals[-1]
+    assert last["eval/gold"] - last["eval/gold_ci95"] > first["eval/gold"] + first["eval/gold_ci95"], (first, last)
+
+
+# ---------------------------------------------------------------------------------------------- GRPO, ReMax, DPO
+def test_group_advantages_by_hand():
+    import grpo_baseline
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0, 5.0, 5.0, 5.0])  # a group with a tie, a group of equal rewards
+    adv = grpo_baseline.group_advantages(scores, 4)
+    std = torch.tensor([1.0, 3.0, 2.0, 2.0]).std().item()  # unbiased: sqrt(2/3)
+    assert adv.tolist() == pytest.approx([-1 / (std + 1e-4), 1 / (std + 1e-4), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
+    assert grpo_baseline.group_advantages(scores, 4, divide_by_std=False).tolist() == pytest.approx([-1, 1, 0, 0, 0, 0, 0, 0])
+
+
+def test_loss_weights_and_the_kl_term_by_hand(tiny_policy):
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert rollout.loss_weights(mask, "token", 4).flatten().tolist() == pytest.approx([0.25, 0.25, 0.25, 0, 0.25, 0, 0, 0])
+    assert rollout.loss_weights(mask, "sequence", 4).flatten().tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0, 0.5, 0, 0, 0])
+    assert rollout.loss_weights(mask, "constant", 4).flatten().tolist() == pytest.approx([1 / 8, 1 / 8, 1 / 8, 0, 1 / 8, 0, 0, 0])
+    policy, tok = tiny_policy
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the plot was", "i"], max_new_tokens=8)
+    args = dvpo.Args(max_grad_norm=1e9)
+    old = rollout.old_logprobs(policy, r, [torch.arange(2)], args, rollout.Precision("fp32", "cpu"))
+    for aggregation in ("token", "sequence"):
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        s = rollout.policy_step(policy, opt, rollout.Precision("fp32", "cpu"), r, old, torch.zeros_like(old), args,
+                                old - 0.1 * r.response_mask, 2.0, aggregation)
+        # every token's k1 to the reference is 0.1: k3 = e^-0.1 - 1 + 0.1, and any average of it is the same
+        assert s["loss/kl"] == pytest.approx(math.exp(-0.1) - 0.9, abs=1e-6) and s["loss/policy"] == 0.0
+        assert s["policy/grad_norm"] > 0  # zero advantages: the whole gradient is the KL term's
+
+
+def test_remax_advantage_is_the_return_against_the_greedy_reward(monkeypatch):
+    import remax_baseline
+    critic = remax_baseline.GreedyBaseline(remax_baseline.Args(), torch.nn.Linear(1, 1))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    r = rollout.Rollout(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), mask, 1,
+                        torch.tensor([True, True]), ["a", "b"], ["", ""])
+    critic.greedy = "the greedy rollout"
+    monkeypatch.setattr(reward, "reward_scores", lambda model, x, chunk=0:
+                        torch.tensor([0.5, 0.5]) if isinstance(x, str) else torch.tensor([2.0, -1.0]))
+    adv = critic.advantages(r, torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0.0, 0.0]]))
+    # last token: + (2.0 - 0.5) and + (-1.0 - 0.5); each token's advantage is the sum of the rewards still to come
+    assert adv.flatten().tolist() == pytest.approx([0.9, 1.0, 1.2, -1.9, 0.0, 0.0])
+    assert critic.score.tolist() == [2.0, -1.0]
+
+
+def test_dpo_loss_and_implicit_rewards_by_hand():
+    import dpo_baseline
+    loss, chosen, rejected = dpo_baseline.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+                                                   torch.tensor([-1.5]), 0.5)
+    # beta * log-ratios: 0.5 * 0.5 and 0.5 * -0.5; loss = -log sigmoid(0.5) = 0.474077
+    assert (chosen.item(), rejected.item()) == pytest.approx((0.25, -0.25)) and loss.item() == pytest.approx(0.474077, abs=1e-6)
+
+
+def test_dpo_logprobs_are_the_trainers_response_logprobs_on_the_pair_tokens(tiny_policy):
+    import dpo_baseline
+    policy, tok = tiny_policy
+    samples = gvm.pair_samples(PAIRS, tok, 64, "test")
+    got = dpo_baseline.sequence_logprobs(policy, tok, samples)
+    for i, (p, x, _) in enumerate(samples):  # reference: each sequence alone, no padding
+        seq = torch.tensor([p + x])
+        logp = torch.log_softmax(policy(seq).logits[0, len(p) - 1:-1], -1).gather(-1, seq[0, len(p):, None]).sum()
+        assert got[i].item() == pytest.approx(logp.item(), abs=1e-4)
+
+
+def test_grpo_samples_each_group_independently_from_one_prompt(tiny_world, tiny_gvm, tmp_path, monkeypatch):
+    import grpo_baseline
+    model, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    gvm.save_value_model(model, tok, str(tmp_path / "rm"), {"kind": "reward-model"})
+    seen, real = [], grpo_baseline.GroupBaseline.advantages
+    monkeypatch.setattr(grpo_baseline.GroupBaseline, "advantages", lambda self, r, rw: seen.append((r, rw)) or real(self, r, rw))
+    argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", "--steps", "2")
+    argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(tmp_path / "rm")]
+    grpo_baseline.main(argv + ["--group-size", "4"])
+    (r, _), (_, rewards) = seen
+    steps = training_records(tmp_path / "out" / "metrics.jsonl")
+    assert [m for m in steps if "objective/kl" in m][1]["objective/kl"] != 0  # the policy has left its reference
+    assert not rewards.any()  # and yet no per-token KL reward: GRPO's KL is in the loss
+    assert len(r.prompts) == 8 * 4 and all(len(set(r.prompts[i:i + 4])) == 1 for i in range(0, 32, 4))
+    groups = [{tuple(r.response_ids[i + j].tolist()) for j in range(4)} for i in range(0, 32, 4)]
+    assert sum(len(g) for g in groups) > 8 * 2  # sampled, not copied: most groups hold different responses
+    assert "loss/kl" in [m for m in steps if "objective/kl" in m][0]
+
+
+@pytest.mark.parametrize("script", ["grpo", "remax", "dpo"])
+def test_each_baseline_raises_held_out_gold(default_world, script):
+    cwd, gvm_proc = default_world
+    assert gvm_proc.returncode == 0
+    if not (cwd / "ckpt" / "rm").exists():  # stage A once, shared by the reward-model baselines
+        subprocess.run([sys.executable, os.path.join(REPO, "ppo_baseline.py"), "--steps", "1", "--rm-epochs", "1",
+                        "--eval-prompts", "", "--out", "ckpt/stage-a"], cwd=cwd, env=ENV, check=True, capture_output=True)
+    flags = {"grpo": ["--rm", "ckpt/rm", "--steps", "20", "--eval-every", "10"],
+             "remax": ["--rm", "ckpt/rm", "--steps", "20", "--eval-every", "10"],
+             "dpo": ["--epochs", "1", "--eval-every", "50"]}[script]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, f"{script}_baseline.py"), *flags, "--out", f"ckpt/{script}"],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(x) for x in (cwd / "ckpt" / script / "metrics.jsonl").read_text().splitlines() if "eval/gold" in x]
     first, last = evals[0], evals[-1]
     assert last["eval/gold"] - last["eval/gold_ci95"] > first["eval/gold"] + first["eval/gold_ci95"], (first, last)

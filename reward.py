@@ -1,0 +1,106 @@
+"""The Bradley–Terry reward model every critic-free baseline and PPO score responses with (docs/DVPO.md §4):
+stage A trains it on the same preference pairs as the GVM, with gvm.py's loop and data, and reward_scores
+reads it at each response's last token. ppo_baseline.py, grpo_baseline.py and remax_baseline.py share the
+flags in RewardArgs, so `--rm ckpt/rm` reuses one stage A for all of them.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import gvm
+import loop
+import rollout
+import runtime
+import world
+from runtime import arg
+
+
+@dataclass
+class RewardArgs(loop.RLArgs):
+    """The RL flags, and stage A's."""
+    rm: str = arg("", "a reward model from an earlier run (ckpt/rm); empty: train one first (stage A)")
+    data: str = arg(world.PAIRS_TRAIN, "stage A's preference pairs, the same default as gvm.py's --data")
+    eval_data: str = arg("", "stage A's held-out pairs, as gvm.py's --eval-data")
+    rm_out: str = arg("ckpt/rm", "stage A's output folder")
+    rm_epochs: int = arg(3, "stage A's passes over the pairs (gvm.py's --epochs)", ">= 1")
+    rm_lr: float = arg(1e-3, "stage A's AdamW learning rate (gvm.py's --lr)", "> 0")
+    rm_batch_size: int = arg(32, "stage A's samples per step, two per pair (gvm.py's --batch-size)", ">= 2")
+
+
+def bradley_terry_loss(chosen, rejected):
+    """-log sigmoid(r_chosen - r_rejected), mean over pairs."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+class BradleyTerry:
+    """The reward model's objective for gvm.train: the score is read at the last response token (EOS), the
+    state s_T, and pairs stay together in a batch (chosen, rejected, chosen, ...)."""
+    kind, pair_batches = "reward-model", True
+
+    def loss(self, values, batch):
+        T = batch["state_mask"].sum(1).long() - 1
+        score = values[torch.arange(len(T)), T]
+        chosen, rejected = score[0::2], score[1::2]
+        loss = bradley_terry_loss(chosen, rejected)
+        return loss, {"loss/rm": loss.item(), "rm/accuracy": (chosen > rejected).float().mean().item(),
+                      "rm/margin": (chosen - rejected).mean().item()}
+
+    def weight(self, batch):
+        """What the loss averages over: pairs."""
+        return len(batch["labels"]) // 2
+
+    def meta(self):
+        return {"loss": "bradley-terry", "score": "value head at the last response token"}
+
+
+def reward_model_path(args):
+    """--rm, or a reward model trained on --data with gvm.py's loop and the Bradley-Terry loss (stage A)."""
+    if args.rm:
+        return args.rm
+    if args.resume and os.path.isfile(os.path.join(args.rm_out, gvm.META_FILE)):
+        return args.rm_out  # stage A of the run being resumed
+    gvm.train(gvm.Args(model=args.policy, data=args.data, eval_data=args.eval_data, split=args.split,
+                       eval_split=args.eval_split, max_prompt_len=args.max_prompt_len, strict=args.strict,
+                       out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
+                       micro_batch_size=args.micro_batch_size, dtype=args.dtype,
+                       gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, optim=args.optim, seed=args.seed, device=args.device),
+              BradleyTerry())
+    return args.rm_out
+
+
+def load_reward_model(path, args, tok, device, dtype):
+    """The reward model in `path`, frozen, checked to share the policy's tokenizer."""
+    gvm.check_tokenizer(gvm.read_meta(path, "reward-model", "--rm"), tok, f"--rm {path}", args.policy,
+                        "--policy")
+    return gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)[0].requires_grad_(False).eval()
+
+
+def check_output(args):
+    """Before any work: stage A's --rm-out can be written, unless --rm names a reward model."""
+    if not args.rm:
+        runtime.check_output_dir(args.rm_out, "--rm-out")
+
+
+@torch.no_grad()
+def reward_scores(reward_model, r, chunk=0):
+    """The reward model's score of each response of a rollout, read at its last token (the state s_T), [B]."""
+    scores = rollout.in_chunks(lambda x: reward_model(x.input_ids, x.attention_mask), r, chunk)
+    T = r.response_mask.sum(1).long()
+    return scores[:, r.prompt_len - 1:].gather(1, T[:, None]).squeeze(1)
+
+
+def train(args, make_algo):
+    """A reward-model method's run: every check, the prompts, stage A (or --rm), make_algo(reward model path,
+    tokenizer, device, precision) -> the loop's `algo`, the policy and its reference, then loop.rl_train."""
+    loop.validate_rl(args)
+    check_output(args)
+    device = runtime.pick_device(args.device)
+    prec = rollout.Precision(args.dtype, device)
+    runtime.seed_everything(args.seed)
+    tok, prompts, eval_prompts = loop.load_rl_data(args)
+    algo = make_algo(reward_model_path(args), tok, device, prec)
+    policy, ref = loop.load_rl_models(args, tok, device, prec)
+    return loop.rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec)
