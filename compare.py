@@ -1,11 +1,12 @@
 """The methods side by side on one world, with the same seeds, loop, flags and budget: memory and time per
 phase, held-out gold and KL per seed, gold at equal wall-clock time (docs/DVPO.md §7). For each seed every
 method runs in its own process (so RSS and CUDA peaks are its own), after the GVM and the reward model are
-trained on the same preference pairs: DVPO, PPO, GRPO and ReMax online, DPO offline on the pairs, and, on
-request, PPO with its critic frozen and DVPO at lambda = 1.
+trained on the same preference pairs: DVPO, PPO, GRPO and ReMax online, DPO offline on the pairs, and two
+rows that isolate what a frozen critic costs, PPO with its critic frozen and DVPO at lambda = 1. The online
+methods adapt their beta towards one KL target, so that quality compares at comparable KL.
 
-    python compare.py                                   # benchmark world (Llama, 4 layers, width 128), 5 methods, 3 seeds
-    python compare.py --methods dvpo,ppo,ppo-frozen,dvpo-lam1 --target-kl 6
+    python compare.py                                   # benchmark world (Llama, 4 layers, width 128), every method, 3 seeds
+    python compare.py --methods dvpo,ppo --target-kl 0  # DVPO and PPO alone, each at its fixed beta
     python compare.py --seeds 0 --steps 2 --eval-n 20   # a smoke run
     python compare.py --analytic docs/llama-3-8b        # the memory model (§7) for a real model's config only
 
@@ -135,9 +136,9 @@ def memory(steps, cuda):
 
 
 def at_time(evals, seconds):
-    """The held-out gold of the last evaluation done within `seconds` of a run's start."""
+    """The last evaluation record done within `seconds` of a run's start (None if none was)."""
     done = [e for e in evals if e.get("time/elapsed", 0.0) <= seconds]
-    return done[-1]["eval/gold"] if done else None
+    return done[-1] if done else None
 
 
 def summarize(method, runs, cuda):
@@ -200,15 +201,16 @@ def report(res, vm, args, cuda, device_name, n_pairs):
         lines.append(f"| {k} | " + cells(lambda r: r["time"].get(k), lambda v: f"{v:.3f}") + " |")
     lines.append("| whole run (median over seeds), s | " + cells(lambda r: r["time"]["run"], lambda v: f"{v:.1f}") + " |")
     equal = res["dvpo"]["time"]["run"] if "dvpo" in res else min(res[m]["time"]["run"] for m in ms)  # DVPO's time
-    lines += ["", f"| held-out gold ({args.eval_n} prompts, ± 95% CI) | per seed | mean | KL, nats/seq | gold within {equal:.1f} s (DVPO's run) |",
+    lines += ["", f"| held-out gold ({args.eval_n} prompts, ± 95% CI) | per seed (KL, nats/seq) | mean | KL, nats/seq | gold within {equal:.1f} s (DVPO's run) |",
               "| --- | --- | --- | --- | --- |"]
     for m in ms:
         r = res[m]
-        per = " / ".join(f"{q['gold']:+.3f} ± {q['gold_ci95']:.3f}" for q in r["quality"])
-        timed = [g for g in (at_time(ev, equal) for ev in r["evals"]) if g is not None]
+        per = " / ".join(f"{q['gold']:+.3f} ± {q['gold_ci95']:.3f} ({q['kl']:.1f})" for q in r["quality"])
+        timed = [e for e in (at_time(ev, equal) for ev in r["evals"]) if e is not None]
         lines.append(f"| {r['label']} | {per} | {statistics.mean(q['gold'] for q in r['quality']):+.3f} "
                      f"| {statistics.mean(q['kl'] for q in r['quality']):.2f} | "
-                     + (f"{statistics.mean(timed):+.3f} |" if timed else "— |"))
+                     + (f"{statistics.mean(e['eval/gold'] for e in timed):+.3f} (step {'/'.join(str(e['step']) for e in timed)}) |"
+                        if timed else "— |"))
     lines += ["", "| value model (same backbone, same pairs) | held-out acc, final value | held-out acc, mean value | training s |",
               "| --- | --- | --- | --- |"]
     for name, k in (("GVM (TD(λ), ±1 labels)", "gvm"), ("reward model (Bradley–Terry)", "rm")):

@@ -168,7 +168,8 @@ def train(args: Args):
             ev["eval/rewards_accuracy"] = implicit_accuracy(policy, ref, tok, held, args, prec)
         if ev:
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
-            print(f"eval step {step} | " + " | ".join(f"{k[5:]} {v:+.3f}" for k, v in ev.items()), flush=True)
+            print(f"eval step {step} | " + " | ".join(([loop.eval_text(ev)] if "eval/kl" in ev else []) +
+                                                       ([f"pair accuracy {ev['eval/rewards_accuracy']:.3f}"] if held else [])), flush=True)
 
     def checkpoint(step, with_state):
         params = {id(p): p for m in (policy, ref) for p in m.parameters()}
@@ -200,7 +201,9 @@ def train(args: Args):
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             checkpoint(step + 1, with_state=True)
     summary = checkpoint(total, with_state=args.save_every > 0)
-    print(f"saved {args.out}: " + ", ".join(f"{k} {v:+.3f}" for k, v in ev.items()) + f", {summary['time/wall_seconds']:.0f}s", flush=True)
+    gold = loop.gold_text(ev, "eval/gold", "eval/gold_ci95")
+    print(f"saved {args.out}" + (f": held-out gold {gold}" if gold else "") + (f", KL {ev['eval/kl']:.2f}" if "eval/kl" in ev else "")
+          + f", {summary['time/wall_seconds']:.0f}s", flush=True)
     return summary
 
 

@@ -1,6 +1,7 @@
-"""The RL loop dvpo.py and ppo_baseline.py share: their common flags, model loading, the step (sample ->
-score -> advantages -> PPO epochs), periodic held-out evaluation, and atomic checkpoints that --resume
-continues exactly. What differs between the two algorithms is passed in as `algo` (see rl_train).
+"""The RL loop every online method shares (dvpo.py, ppo_baseline.py, grpo_baseline.py, remax_baseline.py):
+their common flags, model loading, the step (sample -> score -> advantages -> PPO epochs), periodic held-out
+evaluation, and atomic checkpoints that --resume continues exactly. What differs between the algorithms is
+passed in as `algo` (see rl_train).
 """
 import json
 import os
@@ -25,7 +26,7 @@ STATE_FILE = "trainer_state.pt"
 
 @dataclass
 class RLArgs:
-    """Flags shared by dvpo.py and ppo_baseline.py, with the same meaning and defaults in both."""
+    """Flags shared by the online methods, with the same meaning and defaults in each."""
     policy: str = arg(world.SFT_DIR, "initial policy: a local folder or hub name of a causal LM; the default is the world's SFT policy")
     ref: str = arg("", "reference policy for the KL penalty; empty: the initial policy")
     prompts: str = arg(world.PROMPTS_TRAIN, "RL prompts: 'prompt' (text or messages), 'messages', or preference rows (data.py); the default is the world's")
@@ -72,7 +73,7 @@ class RLArgs:
 
 
 def validate_rl(args):
-    """Every flag of a dvpo.py or ppo_baseline.py run checked before anything loads."""
+    """Every flag of an online method's run checked before anything loads."""
     runtime.check_args(args)
     if args.batch_size % args.minibatch_size:
         raise UsageError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
@@ -232,6 +233,13 @@ def gold_text(m, key, ci_key=None):
     return f"{m[key]:+.3f}" + (f" ± {m[ci_key]:.3f}" if ci_key else "")
 
 
+def eval_text(ev):
+    """A held-out evaluation (held_out_eval) as the printed line's text."""
+    gold = gold_text(ev, "eval/gold", "eval/gold_ci95")
+    return ((f"held-out gold {gold} | " if gold else "") +
+            f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f} | length {ev['eval/length']:.1f}")
+
+
 def save_run(args, summary, policy, tok, records, state):
     """Write --out atomically: the policy (save_pretrained), metrics.jsonl, summary.json and, with a state,
     trainer_state.pt for --resume. An interrupted save leaves the last good one (runtime.atomic_dir)."""
@@ -246,7 +254,7 @@ def save_run(args, summary, policy, tok, records, state):
 
 
 def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
-    """The loop DVPO and PPO share: sample prompts -> generate -> old and reference log-probs -> KL-penalty
+    """The loop the online methods share: sample prompts -> generate -> old and reference log-probs -> KL-penalty
     rewards -> algo.advantages -> PPO epochs (the policy's clipped step, then algo.minibatch_step if any) ->
     log -> periodic held-out gold evaluation -> checkpoint. `algo` holds what differs between the methods:
     its critic, `advantages(r, rewards) -> [B, R]`, `score` (the critic's V(s_T) or RM score, [B]), `name`,
@@ -304,9 +312,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
             with prec.autocast():
                 ev = held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000, use_gold)
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
-            gold = gold_text(ev, "eval/gold", "eval/gold_ci95")
-            tqdm.write(f"eval step {step} | " + (f"held-out gold {gold} | " if gold else "") +
-                       f"kl {ev['eval/kl']:.2f} | eos {ev['eval/eos_rate']:.2f} | length {ev['eval/length']:.1f}")
+            tqdm.write(f"eval step {step} | " + eval_text(ev))
         if step == args.steps:
             break
         batch = [prompts[i] for i in sampler.take(args.batch_size) for _ in range(G)]

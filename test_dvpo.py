@@ -883,10 +883,12 @@ def training_records(path):
             for x in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("script", ["dvpo", "ppo", "dvpo-gpt2", "dvpo-lora", "ppo-lora"])
+@pytest.mark.parametrize("script", ["dvpo", "ppo", "dvpo-gpt2", "dvpo-lora", "ppo-lora", "grpo", "remax"])
 def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, families, tmp_path, script):
     """Also restored: the adaptive KL coefficient, fp16 loss scales (ppo: two), and, for a GPT-2 policy, a
     reference whose added pad token must get the same row in every process."""
+    import grpo_baseline
+    import remax_baseline
     value_model = str(tiny_gvm)
     if script == "dvpo-gpt2":
         backbone, tok = gvm.load_backbone(str(families / "gpt2"))
@@ -897,14 +899,19 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, famili
         argv = tiny_dvpo_argv(tiny_world, value_model, out, "--eval-every", "2", "--save-every", "2",
                               "--adaptive-kl", "--target-kl", "0.5", "--kl-horizon", "20", *extra)
         argv += ["--lora-r", "4", "--lr", "3e-3"] if script.endswith("lora") else []
-        if script.startswith("ppo"):
+        if script != "dvpo" and not script.startswith("dvpo-"):
             argv[argv.index("--gvm"):argv.index("--gvm") + 2] = ["--rm", str(rm)]
+        if script.startswith("ppo"):
             ppo_baseline.main(argv + ["--dtype", "fp16"])
+        elif script == "grpo":
+            grpo_baseline.main(argv + ["--group-size", "2"])
+        elif script == "remax":
+            remax_baseline.main(argv)
         else:
             dvpo.main(argv + (["--policy", str(families / "gpt2")] if script == "dvpo-gpt2" else []))
 
     rm = tmp_path / "rm"
-    if script.startswith("ppo"):
+    if not script.startswith("dvpo"):
         model, tok, _ = gvm.load_value_model(str(tiny_gvm))
         gvm.save_value_model(model, tok, str(rm), {"kind": "reward-model"})
     run(tmp_path / "full", "--steps", "4")
@@ -915,6 +922,31 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, famili
     assert len(full) == 7 and resumed == full  # evals at 0, 2, 4 and four steps, every number equal
     betas = [m["objective/kl_coef"] for m in full if "objective/kl_coef" in m]
     assert len(set(betas)) == 4  # the controller moved beta at every step
+
+
+def test_a_resumed_dpo_run_matches_an_uninterrupted_one(tiny_world, tmp_path):
+    import dpo_baseline
+    pairs = tmp_path / "pairs.jsonl"  # 24 pairs: 3 steps of 8 per epoch
+    pairs.write_text("".join((tiny_world / "data" / "pairs_train.jsonl").read_text().splitlines(keepends=True)[:24]))
+
+    def run(out, epochs, *extra):
+        dpo_baseline.main(["--policy", str(tiny_world / "sft"), "--data", str(pairs), "--eval-data", str(pairs),
+                           "--eval-prompts", str(tiny_world / "data" / "prompts_eval.jsonl"), "--eval-n", "8",
+                           "--max-new-tokens", "16", "--batch-size", "8", "--eval-every", "2", "--save-every", "2",
+                           "--lr", "3e-3", "--epochs", str(epochs), "--out", str(out), *extra])
+
+    run(tmp_path / "full", 2)
+    run(tmp_path / "half", 1)
+    assert (tmp_path / "half" / loop.STATE_FILE).exists()
+    run(tmp_path / "half", 2, "--resume")
+    full, resumed = (training_records(tmp_path / d / "metrics.jsonl") for d in ("full", "half"))
+    steps = [m for m in full if "loss/dpo" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6] and [m for m in resumed if "loss/dpo" in m] == steps
+    assert steps[-1]["rewards/margin"] != steps[0]["rewards/margin"]  # the policy moved
+    evals = {m["step"]: m for m in full if "eval/kl" in m}
+    assert sorted(evals) == [0, 2, 4, 6] and evals[6] == [m for m in resumed if "eval/kl" in m][-1]
+    with pytest.raises(SystemExit):  # a finished run cannot be resumed without more epochs
+        run(tmp_path / "half", 2, "--resume")
 
 
 def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1483,10 +1515,20 @@ def test_every_numeric_flag_is_checked_before_any_work(tiny_world, tiny_gvm, tmp
     rm_argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out")[2:]
     cases += [(ppo_baseline.main, rm_argv + flags, message) for flags, message in [
         (["--critic-lr", "-1"], "--critic-lr -1.0"), (["--rm-lr", "nan"], "--rm-lr nan"), (["--vf-coef", "-1"], "--vf-coef -1.0")]]
+    import dpo_baseline
+    import grpo_baseline
+    import remax_baseline
+    cases += [(grpo_baseline.main, rm_argv + flags, message) for flags, message in [
+        (["--group-size", "1"], "--group-size 1: must be >= 2"), (["--kl-coef", "-1"], "--kl-coef -1.0")]]
+    cases += [(remax_baseline.main, rm_argv + ["--minibatch-size", "3"], "--minibatch-size 3 does not divide --batch-size 8")]
+    cases += [(dpo_baseline.main, ["--policy", sft, "--data", pairs, "--out", str(tmp_path / "out"), *flags], message)
+              for flags, message in [(["--beta", "0"], "--beta 0.0: must be > 0"), (["--epochs", "0"], "--epochs 0"),
+                                     (["--gold", "x"], "--gold x: choose one of")]]
     cases += [(evaluate.main, [sft, "--json", str(tmp_path / "out" / "e.json"), *flags], message) for flags, message in [
         (["--temperature", "0"], "--temperature 0.0: must be > 0"), (["--max-new-tokens", "0"], "--max-new-tokens 0")]]
     cases += [(compare.main, ["--root", str(tmp_path / "out"), *flags], message) for flags, message in [
-        (["--seeds", "a"], "--seeds a"), (["--extra", "--bogus 1"], "unrecognized arguments: --bogus")]]
+        (["--seeds", "a"], "--seeds a"), (["--extra", "--bogus 1"], "unrecognized arguments: --bogus"),
+        (["--methods", "dvpo,trpo"], "--methods dvpo,trpo: choose from")]]
     cases += [(world.main, ["--out", str(tmp_path / "out"), "--label-flip", "2"], "--label-flip 2.0: must lie in [0, 1]")]
     for main, argv, message in cases:
         err = one_line_error(capsys, lambda: main(argv))
