@@ -1614,7 +1614,9 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_output(tiny_worl
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "dvpo.py"),
                              *tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1000", "--save-every", "2")],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job ignores SIGINT, and a child would inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("step 3/"):  # a checkpoint at step 2 exists; the next save is under way soon
             break
