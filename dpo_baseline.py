@@ -107,9 +107,9 @@ def dpo_step(policy, ref, tok, opt, prec, samples, args):
 @torch.no_grad()
 def implicit_accuracy(policy, ref, tok, samples, args, prec):
     """Held-out fraction of pairs whose implicit reward ranks chosen above rejected (ties count half)."""
-    hits = []
-    for i in range(0, len(samples), 2 * max(1, args.micro_batch_size or 16)):
-        part = samples[i:i + 2 * max(1, args.micro_batch_size or 16)]
+    hits, size = [], 2 * (args.micro_batch_size or 16)  # samples per forward: whole pairs
+    for i in range(0, len(samples), size):
+        part = samples[i:i + size]
         with prec.autocast():
             margin = sequence_logprobs(policy, tok, part, args.logprob_chunk) - sequence_logprobs(ref, tok, part, args.logprob_chunk)
         hits += ((margin[0::2] > margin[1::2]).float() + 0.5 * (margin[0::2] == margin[1::2]).float()).tolist()
