@@ -177,7 +177,7 @@ def run(args: Args):
     report = {"results": results, "args": asdict(args)}
     if args.gvm:
         if samples:
-            acc = gvm.pairwise_accuracy(value_model, samples, ref_tok.pad_token_id, device)
+            acc = gvm.heldout_metrics(value_model, samples, ref_tok.pad_token_id, device)
             report["gvm"] = {"path": args.gvm, "pairs": pairs_path, **acc}
             print(f"\nGVM {args.gvm}: held-out pairwise accuracy {acc['eval/pairwise_acc_final']:.3f} (final value), "
                   f"{acc['eval/pairwise_acc_mean']:.3f} (mean value) on {len(samples) // 2} pairs of {pairs_path}")

@@ -27,6 +27,11 @@ from rollout import Precision, check_optimizer, gae, make_optimizer, masked_mean
 from runtime import UsageError, arg
 
 
+# held-out metrics a checkpoint can be selected by (README, What makes a good GVM), and whether higher is better
+SELECT = {"acc_final": True, "acc_mean": True, "margin": True, "terminal_mse": False, "value_mse": False,
+          "td_loss": False, "bt_loss": False, "ece": False}
+
+
 @dataclass
 class Args:
     model: str = arg(world.SFT_DIR, "backbone: a local folder or hub name of a causal LM; the default is the world's SFT policy")
@@ -53,12 +58,14 @@ class Args:
     optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
     pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
+    bt_coef: float = arg(0.0, "weight of a Bradley-Terry term -log sigmoid(V_T(chosen) - V_T(rejected)) beside the TD loss (0: the paper's loss)", ">= 0")
     warmup_steps: int = arg(20, "steps of linear learning-rate warmup", ">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
     max_len: int = arg(512, "pairs with a prompt + response longer than this many tokens (or than the model's positions) are dropped, with a count", ">= 2")
     log_every: int = arg(20, "steps between printed and logged training lines", ">= 1")
     eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)", ">= 1")
     eval_batch_size: int = arg(128, "samples per forward pass during evaluation", ">= 1")
+    select: str = arg("last", "which evaluated checkpoint to save: last, or the best by a held-out metric: " + ", ".join(SELECT))
     seed: int = arg(0, "seed for python, numpy and torch", "[0, 4294967295]")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
 
@@ -207,31 +214,57 @@ def value_loss(values, targets, state_mask):
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def calibration_error(final, labels, bins=10):
+    """Expected calibration error of p = (1 + V(s_T)) / 2, clipped to [0, 1], read as the probability that a
+    sample is the chosen one: sum over equal-width bins of |mean p - fraction chosen| weighted by the bin's share."""
+    p = ((1 + final) / 2).clamp(0, 1)
+    y = (labels > 0).float()
+    idx = (p * bins).long().clamp(max=bins - 1)
+    err = torch.zeros(())
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            err += m.float().mean() * (p[m].mean() - y[m].mean()).abs()
+    return err.item()
+
+
 @torch.no_grad()
-def pairwise_accuracy(model, samples, pad_id, device, batch_size=128):
-    """Held-out accuracy of value(chosen) > value(rejected) (ties count half), by the value of the complete
-    response V(s_T) and by the mean of V(s_1..s_T) over response tokens. `samples` alternate chosen/rejected."""
+def heldout_metrics(model, samples, pad_id, device, batch_size=128, gamma=1.0, lam=0.95):
+    """What a user can measure on held-out pairs without a gold judge (`samples` alternate chosen/rejected):
+    pairwise accuracy by V(s_T) and by the mean of V(s_1..s_T) (ties count half), the mean margin
+    V_T(chosen) - V_T(rejected) and its Bradley-Terry loss -log sigmoid(margin), the terminal MSE (V(s_T) - label)^2,
+    the Monte Carlo MSE of every response state against the label, the TD(lambda) loss the GVM trains on, and the
+    calibration error of V(s_T) read as a probability (calibration_error)."""
     was_training = model.training
     model.eval()
-    final, mean = [], []
+    final, mean, mc, td, n_states = [], [], 0.0, 0.0, 0.0
     for i in range(0, len(samples), batch_size):
         batch = {k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
-        v = state_values(model, batch)
-        m = batch["state_mask"].clone()
+        v = state_values(model, batch).float()
+        sm = batch["state_mask"]
+        m = sm.clone()
         m[:, 0] = 0
-        T = batch["state_mask"].sum(1).long() - 1
-        final.append(v[torch.arange(len(T)), T].float().cpu())
-        mean.append(((v * m).sum(1) / m.sum(1)).float().cpu())
+        T = sm.sum(1).long() - 1
+        final.append(v[torch.arange(len(T)), T].cpu())
+        mean.append(((v * m).sum(1) / m.sum(1)).cpu())
+        mc += (((v - batch["labels"][:, None]) ** 2) * m).sum().item()
+        targets = td_lambda_targets(v, sm, batch["labels"], gamma, lam)
+        td += (0.5 * (v - targets) ** 2 * sm).sum().item()
+        n_states += sm.sum().item()
     model.train(was_training)
     final, mean = torch.cat(final), torch.cat(mean)
+    labels = torch.tensor([s[2] for s in samples])
 
     def acc(x):
         c, r = x[0::2], x[1::2]
         return ((c > r).float() + 0.5 * (c == r).float()).mean().item()
 
-    labels = torch.tensor([s[2] for s in samples])
+    margin = final[0::2] - final[1::2]
+    n_response = n_states - len(samples)
     return {"eval/pairwise_acc_final": acc(final), "eval/pairwise_acc_mean": acc(mean),
-            "eval/terminal_mse": ((final - labels) ** 2).mean().item()}
+            "eval/margin": margin.mean().item(), "eval/bt_loss": -torch.nn.functional.logsigmoid(margin).mean().item(),
+            "eval/terminal_mse": ((final - labels) ** 2).mean().item(), "eval/value_mse": mc / n_response,
+            "eval/td_loss": td / n_states, "eval/ece": calibration_error(final, labels)}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -258,26 +291,37 @@ class TDObjective:
     """The GVM's objective (§2): 1/2 MSE against TD(lambda) return-to-go targets with +-1 terminal labels.
     A pair's two samples share a batch (--pair-batches): the same loss, but its gradient along what the two
     share, the prompt, whose targets are +1 and -1, cancels within the batch instead of adding noise. Under
-    label noise this decides whether the GVM learns at all (README, Label noise)."""
+    label noise this decides whether the GVM learns at all (README, Label noise). With --bt-coef c, a
+    Bradley-Terry term c * mean over pairs of -log sigmoid(V_T(chosen) - V_T(rejected)) joins it, so the
+    pair's comparison, not only each side's label, reaches V(s_T)."""
     kind = "gvm"
 
     def __init__(self, args):
         self.args, self.pair_batches = args, args.pair_batches
 
     def loss(self, values, batch):
+        """The loss terms, each a mean over what weight() counts for it: states, then pairs."""
         # targets from the current model without gradient; dropout is off, so the detached values of this
         # forward equal the released code's separate no-grad pass
         targets = td_lambda_targets(values, batch["state_mask"], batch["labels"], self.args.gamma, self.args.lam)
         loss = value_loss(values, targets, batch["state_mask"])
-        return loss, {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
-                      "val/target_mean": masked_mean(targets, batch["state_mask"]).item()}
+        stats = {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
+                 "val/target_mean": masked_mean(targets, batch["state_mask"]).item()}
+        if not self.args.bt_coef:
+            return (loss,), stats
+        T = batch["state_mask"].sum(1).long() - 1
+        final = values[torch.arange(len(T)), T]
+        bt = -torch.nn.functional.logsigmoid(final[0::2] - final[1::2]).mean()
+        return (loss, self.args.bt_coef * bt), {**stats, "loss/bt": bt.item()}
 
     def weight(self, batch):
-        """What the loss averages over: states."""
-        return batch["state_mask"].sum().item()
+        """What each loss term averages over: states (and pairs for the Bradley-Terry term)."""
+        states = batch["state_mask"].sum().item()
+        return (states, len(batch["labels"]) // 2) if self.args.bt_coef else (states,)
 
     def meta(self):
-        return {"lam": self.args.lam, "gamma": self.args.gamma, "label": "+1 chosen / -1 rejected"}
+        return {"lam": self.args.lam, "gamma": self.args.gamma, "label": "+1 chosen / -1 rejected",
+                **({"bt_coef": self.args.bt_coef} if self.args.bt_coef else {})}
 
 
 def batch_order(n_samples, pair_batches, rng):
@@ -292,23 +336,24 @@ def batch_order(n_samples, pair_batches, rng):
 
 
 def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch_size=0):
-    """One optimizer step on a batch of samples, accumulated over micro-batches: each micro-batch's mean
-    loss is weighted by its share of what the objective averages over (states or pairs), so the gradient
-    equals the whole batch's. (statistics weighted the same way, gradient norm before clipping)"""
+    """One optimizer step on a batch of samples, accumulated over micro-batches: each loss term of a
+    micro-batch (a mean) is weighted by the micro-batch's share of what that term averages over (states or
+    pairs), so the gradient equals the whole batch's. Statistics are weighted by the first term's shares;
+    returns them with the gradient norm before clipping."""
     micro = micro_batch_size or len(samples)
     parts = [collate(samples[i:i + micro], pad_id) for i in range(0, len(samples), micro)]
     weights = [objective.weight(b) for b in parts]
-    share = [w / sum(weights) for w in weights]
+    totals = [sum(w) for w in zip(*weights)]
     opt.zero_grad(set_to_none=True)
     stats = {}
-    for batch, f in zip(parts, share):
+    for batch, w in zip(parts, weights):
         batch = {k: v.to(device) for k, v in batch.items()}
         with prec.autocast():
             values = state_values(model, batch)
-        loss, m = objective.loss(values, batch)
-        prec.backward(loss * f)
+        terms, m = objective.loss(values, batch)
+        prec.backward(sum(t * (wk / total) for t, wk, total in zip(terms, w, totals)))
         for k, v in m.items():
-            stats[k] = stats.get(k, 0.0) + v * f
+            stats[k] = stats.get(k, 0.0) + v * w[0] / totals[0]
     return stats, prec.step(opt, model.parameters(), 1.0)
 
 
@@ -321,6 +366,10 @@ def train(args: Args, objective=None):
         raise UsageError("--max-steps 0: must be -1 (all epochs) or at least 1")
     if objective.pair_batches and (args.batch_size % 2 or args.micro_batch_size % 2):
         raise UsageError("--batch-size and --micro-batch-size must be even: a pair's two samples stay together")
+    if args.bt_coef and not args.pair_batches:
+        raise UsageError("--bt-coef needs --pair-batches: the Bradley-Terry term compares a pair's two samples")
+    if args.select != "last" and args.select not in SELECT:
+        raise UsageError(f"--select {args.select}: must be last or one of {', '.join(SELECT)}")
     check_optimizer(args.optim)
     runtime.check_output_dir(args.out)
     device = runtime.pick_device(args.device)
@@ -355,13 +404,27 @@ def train(args: Args, objective=None):
           f"held-out pairs, {total} steps of {args.batch_size} samples, {objective.meta()}", flush=True)
 
     t0 = time.time()
+    meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
+    key = None if args.select == "last" else "eval/" + args.select.replace("acc_", "pairwise_acc_")
+    best = None  # (step, metrics) of the checkpoint saved so far under --select
     with runtime.atomic_dir(args.out) as tmp:
         log = runtime.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
-        with prec.autocast():
-            metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
-        log.write(0, metrics)
-        tqdm.write(f"eval step 0 | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
-                   f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f}")
+
+        def evaluate(step):
+            nonlocal best
+            with prec.autocast():
+                metrics = heldout_metrics(model, eval_samples, pad_id, device, args.eval_batch_size, args.gamma, args.lam)
+            better = key and step and (best is None or (metrics[key] > best[1][key] if SELECT[args.select] else metrics[key] < best[1][key]))
+            if better:  # the best so far by --select is what the folder holds
+                best = (step, metrics)
+                save_value_model(model, tok, tmp, meta)
+            log.write(step, {**metrics, **({"eval/selected": float(bool(better))} if key else {})})
+            tqdm.write(f"eval step {step} | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
+                       f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f} | margin {metrics['eval/margin']:+.3f} | "
+                       f"terminal mse {metrics['eval/terminal_mse']:.3f}" + (" | best" if better else ""))
+            return metrics
+
+        evaluate(0)
         rng = random.Random(args.seed)
         step, bar = 0, tqdm(total=total, desc=objective.kind, leave=False, disable=None)
         while step < total:
@@ -383,23 +446,21 @@ def train(args: Args, objective=None):
                     tqdm.write(f"step {step}/{total} | " + " | ".join(f"{k} {v:+.4f}" for k, v in list(m.items())[:3])
                                + f" | lr {m['train/lr']:.2e} | {m['time/elapsed']:.0f}s")
                 if step % args.eval_every == 0 or step == total:
-                    with prec.autocast():
-                        metrics = pairwise_accuracy(model, eval_samples, pad_id, device, args.eval_batch_size)
-                    log.write(step, metrics)
-                    tqdm.write(f"eval step {step} | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
-                               f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f} | "
-                               f"terminal mse {metrics['eval/terminal_mse']:.3f}")
+                    metrics = evaluate(step)
         bar.close()
         log.close()
         wall = time.time() - t0
-        meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
-        save_value_model(model, tok, tmp, meta)
-        summary = {**metrics, "train/steps": step, "train/pairs": len(train_samples) // 2, "eval/pairs": len(eval_samples) // 2,
+        if best is None:  # --select last
+            best = (step, metrics)
+            save_value_model(model, tok, tmp, meta)
+        summary = {**best[1], "train/selected_step": best[0], "train/steps": step, "last": metrics,
+                   "train/pairs": len(train_samples) // 2, "eval/pairs": len(eval_samples) // 2,
                    "params": n_params, "params/trained": n_trained, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    print(f"saved {args.out}: held-out pairwise accuracy {metrics['eval/pairwise_acc_final']:.3f} (final value), "
-          f"{metrics['eval/pairwise_acc_mean']:.3f} (mean value), {wall:.0f}s", flush=True)
+    chosen = "" if key is None else f" (step {best[0]} of {step}, best by {args.select})"
+    print(f"saved {args.out}{chosen}: held-out pairwise accuracy {best[1]['eval/pairwise_acc_final']:.3f} (final value), "
+          f"{best[1]['eval/pairwise_acc_mean']:.3f} (mean value), {wall:.0f}s", flush=True)
     return summary
 
 

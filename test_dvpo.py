@@ -313,7 +313,7 @@ def test_first_use_builds_world_and_trains_a_gvm_above_chance(default_world):
     model, tok, meta = gvm.load_value_model(str(out))
     assert meta["kind"] == "gvm" and meta["lam"] == 0.95
     samples = gvm.pair_samples(data.load_pairs(str(cwd / world.PAIRS_EVAL), "train", "--data"), tok, 512, "eval")
-    again = gvm.pairwise_accuracy(model, samples, tok.pad_token_id, "cpu")
+    again = gvm.heldout_metrics(model, samples, tok.pad_token_id, "cpu")
     assert again["eval/pairwise_acc_final"] == pytest.approx(summary["eval/pairwise_acc_final"], abs=1e-6)
 
 
