@@ -156,6 +156,64 @@ def test_gae_matches_loop_reference():
         assert (adv[b, n:] == 0).all()
 
 
+def test_gvm_bradley_terry_term_by_hand():
+    values = torch.tensor([[0.1, 0.5, 0.9], [0.1, -0.2, 7.0]], requires_grad=True)  # chosen T=2, rejected T=1
+    batch = {"state_mask": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]), "labels": torch.tensor([1.0, -1.0])}
+    (td,), _ = gvm.TDObjective(gvm.Args(lam=1.0)).loss(values, batch)
+    # lambda = 1: every target is the label; 1/2 mean of (0.81, 0.25, 0.01, 1.21, 0.64) over 5 states
+    assert td.item() == pytest.approx(0.5 * 2.92 / 5)
+    objective = gvm.TDObjective(gvm.Args(lam=1.0, bt_coef=0.5))
+    (td2, bt), m = objective.loss(values, batch)
+    assert td2.item() == td.item()
+    # 0.5 * -log sigmoid(0.9 - (-0.2)) = 0.5 * 0.287682
+    assert bt.item() == pytest.approx(0.5 * math.log1p(math.exp(-1.1)), abs=1e-6)
+    assert m["loss/bt"] == pytest.approx(math.log1p(math.exp(-1.1)), abs=1e-6)
+    assert objective.weight(batch) == (5, 1) and gvm.TDObjective(gvm.Args()).weight(batch) == (5,)
+
+
+def test_heldout_metrics_by_hand(monkeypatch):
+    # two pairs: (chosen T=2, rejected T=1) and (chosen T=1, rejected T=2)
+    samples = [([1, 2], [3, 4], 1.0), ([1, 2], [5], -1.0), ([1], [6], 1.0), ([1], [7, 8], -1.0)]
+    v = torch.tensor([[0.1, 0.5, 0.9], [0.1, -0.2, 0.0], [0.0, -0.5, 0.0], [0.0, -1.5, 0.5]])
+    monkeypatch.setattr(gvm, "state_values", lambda model, batch: v * batch["state_mask"])
+    m = gvm.heldout_metrics(torch.nn.Identity(), samples, 0, "cpu", lam=1.0)
+    assert m["eval/pairwise_acc_final"] == 0.5  # 0.9 > -0.2, -0.5 < 0.5
+    assert m["eval/pairwise_acc_mean"] == 0.75  # 0.7 > -0.2, and a tie: -0.5 = mean(-1.5, 0.5)
+    assert m["eval/margin"] == pytest.approx((1.1 - 1.0) / 2)
+    assert m["eval/bt_loss"] == pytest.approx((math.log1p(math.exp(-1.1)) + math.log1p(math.exp(1.0))) / 2, abs=1e-6)
+    assert m["eval/terminal_mse"] == pytest.approx((0.01 + 0.64 + 2.25 + 2.25) / 4)
+    assert m["eval/value_mse"] == pytest.approx((0.25 + 0.01 + 0.64 + 2.25 + 0.25 + 2.25) / 6)  # response states
+    assert m["eval/td_loss"] == pytest.approx(0.5 * (5.65 + 0.81 + 1.21 + 1 + 1) / 10)  # lambda = 1: label targets, s_0 too
+    # p = (1 + V_T) / 2 = 0.95, 0.4, 0.25, 0.75 against chosen = 1, 0, 1, 0, each alone in its bin
+    assert m["eval/ece"] == pytest.approx((0.05 + 0.4 + 0.75 + 0.75) / 4, abs=1e-6)
+    assert gvm.calibration_error(torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, -1.0, 1.0, -1.0])) == 0.0
+
+
+def test_select_saves_the_best_evaluated_checkpoint(tiny_world, tmp_path):
+    """--select keeps the checkpoint with the best held-out metric among the evaluations, not the last one; the
+    saved folder reproduces that evaluation's numbers."""
+    base = dict(model=str(tiny_world / "sft"), data=str(tiny_world / "data" / "pairs_train.jsonl"),
+                eval_data=str(tiny_world / "data" / "pairs_eval.jsonl"), lr=0.03, max_steps=12, eval_every=2, batch_size=8)
+    for select, higher in (("terminal_mse", False), ("acc_mean", True), ("last", None)):
+        out = tmp_path / select
+        summary = gvm.train(gvm.Args(**base, select=select, out=str(out)))
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if "eval/terminal_mse" in r and r["step"] > 0]
+        assert [r["step"] for r in evals] == list(range(2, 13, 2))
+        key = "eval/" + select.replace("acc_", "pairwise_acc_")
+        if higher is None:
+            best = evals[-1]
+        else:
+            best = (max if higher else min)(evals, key=lambda r: r[key])  # the first of equals, as strict improvement keeps
+            assert [r["step"] for r in evals if r["eval/selected"]][-1] == best["step"]
+        assert summary["train/selected_step"] == best["step"] and summary["last"]["eval/td_loss"] == evals[-1]["eval/td_loss"]
+        model, tok, meta = gvm.load_value_model(str(out))
+        samples = gvm.pair_samples(data.load_pairs(base["eval_data"], "train", "--data"), tok, 512, "eval")
+        again = gvm.heldout_metrics(model, samples, tok.pad_token_id, "cpu")
+        for k in ("eval/terminal_mse", "eval/pairwise_acc_mean", "eval/td_loss"):
+            assert again[k] == pytest.approx(best[k], abs=1e-6) and summary[k] == pytest.approx(best[k], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- value model
 def batch_for(tok, pairs, max_len=64):
     samples = gvm.pair_samples(pairs, tok, max_len, "test")
@@ -645,7 +703,7 @@ def test_bradley_terry_loss_by_hand():
 def test_reward_model_objective_reads_the_last_token_of_each_pair():
     values = torch.tensor([[0.0, 9.0, 2.0, 0.0], [0.0, 1.0, 9.0, 9.0]])  # chosen T=2, rejected T=1
     batch = {"state_mask": torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])}
-    loss, m = reward.BradleyTerry().loss(values, batch)
+    (loss,), m = reward.BradleyTerry().loss(values, batch)
     assert loss.item() == pytest.approx(reward.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0])).item())
     assert m["rm/accuracy"] == 1.0 and m["rm/margin"] == pytest.approx(1.0)
 
@@ -849,7 +907,7 @@ def test_gvm_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_backbo
     model = gvm.ValueModel(backbone)
     torch.nn.init.normal_(model.head.weight, std=0.1)
     samples = gvm.pair_samples(PAIRS * 2, tok, 64, "test")
-    for objective in (gvm.TDObjective(gvm.Args()), reward.BradleyTerry()):
+    for objective in (gvm.TDObjective(gvm.Args()), gvm.TDObjective(gvm.Args(bt_coef=0.5)), reward.BradleyTerry()):
         grads = []
         for micro in (0, 2):
             m = copy.deepcopy(model)
