@@ -63,7 +63,7 @@ class Args:
     kl_horizon: int = arg(640, "the adaptive KL controller's horizon, in samples, with --target-kl", ">= 1")
     dpo_epochs: int = arg(3, "DPO's passes over the preference pairs", ">= 1")
     dpo_beta: float = arg(0.1, "DPO's beta", "> 0")
-    value_epochs: int = arg(3, "epochs of GVM and reward-model training (the same for both)", ">= 1")
+    value_epochs: int = arg(0, "epochs of GVM and reward-model training; 0: each one's default (gvm.py's --epochs and --select, stage A's --rm-epochs)", ">= 0")
     eval_n: int = arg(500, "held-out prompts of each run's evaluations", ">= 1")
     extra: str = arg("", "more flags for every trainer, e.g. '--dtype bf16 --micro-batch-size 4'")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
@@ -94,9 +94,11 @@ def bench_world(args):
 def value_models(args, paths):
     """GVM (TD(lambda)) and reward model (Bradley-Terry) from one loop, one backbone and the same pairs."""
     out = {}
-    for kind, folder, objective in (("gvm", "gvm", None), ("rm", "rm", reward.BradleyTerry())):
-        a = gvm.Args(model=paths["sft"], data=paths["pairs"], eval_data=paths["pairs_eval"],
-                     out=os.path.join(args.root, folder), epochs=args.value_epochs, device=args.device)
+    defaults = {"gvm": (gvm.Args.epochs, gvm.Args.select), "rm": (reward.RewardArgs.rm_epochs, "last")}
+    for kind, objective in (("gvm", None), ("rm", reward.BradleyTerry())):
+        epochs, select = defaults[kind]
+        a = gvm.Args(model=paths["sft"], data=paths["pairs"], eval_data=paths["pairs_eval"], out=os.path.join(args.root, kind),
+                     epochs=args.value_epochs or epochs, select=select, device=args.device)
         out[kind] = gvm.train(a, objective)
     return out
 

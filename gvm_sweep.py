@@ -38,6 +38,8 @@ VARIANTS = {
     "e10-lam0.8": "--epochs 10 --lam 0.8 --select last",
     "e10-bs64": "--epochs 10 --batch-size 64 --select last",
     "e10-bt1": "--epochs 10 --bt-coef 1.0 --select last",
+    "e10-margin": "--epochs 10 --select margin",
+    "e20-margin": "--epochs 20 --select margin",
 }
 # held-out GVM metrics (gvm.heldout_metrics) whose correlation with DVPO's gold is reported
 CRITERIA = ("pairwise_acc_final", "pairwise_acc_mean", "margin", "bt_loss", "terminal_mse", "value_mse", "td_loss", "ece")
@@ -95,16 +97,25 @@ def ranks(x):
     return r
 
 
+def partial(x, y, z):
+    """Correlation of x and y with z's linear effect removed from both (for gold, the run's final KL)."""
+    rx, ry = (np.asarray(a) - np.polyval(np.polyfit(z, a, 1), z) for a in (x, y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 def correlations(runs):
-    """Pearson's r and Spearman's rho of each held-out GVM metric with DVPO's held-out gold, over all runs."""
-    gold = [r["gold"] for r in runs]
+    """Pearson's r and Spearman's rho of each held-out GVM metric with DVPO's held-out gold over all runs, and
+    the partial r with each run's final KL held fixed (the adaptive controller leaves KLs spread around the
+    target, and gold rises with KL)."""
+    gold, kl = [r["gold"] for r in runs], [r["kl"] for r in runs]
     out = {}
     for c in CRITERIA:
         x = [r["gvm"][f"eval/{c}"] for r in runs]
-        if len(set(x)) < 2 or len(set(gold)) < 2:
-            out[c] = {"pearson": float("nan"), "spearman": float("nan")}
+        if len(set(x)) < 2 or len(set(gold)) < 2 or len(set(kl)) < 2:
+            out[c] = {"pearson": float("nan"), "spearman": float("nan"), "partial_kl": float("nan")}
             continue
-        out[c] = {"pearson": float(np.corrcoef(x, gold)[0, 1]), "spearman": float(np.corrcoef(ranks(x), ranks(gold))[0, 1])}
+        out[c] = {"pearson": float(np.corrcoef(x, gold)[0, 1]), "spearman": float(np.corrcoef(ranks(x), ranks(gold))[0, 1]),
+                  "partial_kl": partial(x, gold, kl)}
     return out
 
 
@@ -127,9 +138,10 @@ def report(res, args):
         lines.append(f"| PPO (reward model) | | | | | | | | | {per_seed} "
                      f"| {statistics.mean(r['gold'] for r in p):+.3f} | {statistics.mean(r['kl'] for r in p):.2f} |")
     n = sum(len(v) for v in res["variants"].values())
-    lines += ["", f"| held-out GVM metric | Pearson r with DVPO gold | Spearman rho ({n} runs) |", "| --- | --- | --- |"]
+    lines += ["", f"| held-out GVM metric | Pearson r with DVPO gold ({n} runs) | Spearman rho | partial r, KL held fixed |",
+              "| --- | --- | --- | --- |"]
     for c, r in res["correlations"].items():
-        lines.append(f"| {c} | {r['pearson']:+.2f} | {r['spearman']:+.2f} |")
+        lines.append(f"| {c} | {r['pearson']:+.2f} | {r['spearman']:+.2f} | {r['partial_kl']:+.2f} |")
     return "\n".join(lines)
 
 

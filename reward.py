@@ -63,7 +63,7 @@ def reward_model_path(args):
         return args.rm_out  # stage A of the run being resumed
     gvm.train(gvm.Args(model=args.policy, data=args.data, eval_data=args.eval_data, split=args.split,
                        eval_split=args.eval_split, max_prompt_len=args.max_prompt_len, strict=args.strict,
-                       out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
+                       out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size, select="last",
                        micro_batch_size=args.micro_batch_size, dtype=args.dtype,
                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                        lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, optim=args.optim, seed=args.seed, device=args.device),
