@@ -58,7 +58,6 @@ class Args:
     optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
     pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
-    bt_coef: float = arg(0.0, "weight of a Bradley-Terry term -log sigmoid(V_T(chosen) - V_T(rejected)) beside the TD loss (0: the paper's loss)", ">= 0")
     warmup_steps: int = arg(20, "steps of linear learning-rate warmup", ">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
     max_len: int = arg(512, "pairs with a prompt + response longer than this many tokens (or than the model's positions) are dropped, with a count", ">= 2")
@@ -291,37 +290,26 @@ class TDObjective:
     """The GVM's objective (§2): 1/2 MSE against TD(lambda) return-to-go targets with +-1 terminal labels.
     A pair's two samples share a batch (--pair-batches): the same loss, but its gradient along what the two
     share, the prompt, whose targets are +1 and -1, cancels within the batch instead of adding noise. Under
-    label noise this decides whether the GVM learns at all (README, Label noise). With --bt-coef c, a
-    Bradley-Terry term c * mean over pairs of -log sigmoid(V_T(chosen) - V_T(rejected)) joins it, so the
-    pair's comparison, not only each side's label, reaches V(s_T)."""
+    label noise this decides whether the GVM learns at all (README, Label noise)."""
     kind = "gvm"
 
     def __init__(self, args):
         self.args, self.pair_batches = args, args.pair_batches
 
     def loss(self, values, batch):
-        """The loss terms, each a mean over what weight() counts for it: states, then pairs."""
         # targets from the current model without gradient; dropout is off, so the detached values of this
         # forward equal the released code's separate no-grad pass
         targets = td_lambda_targets(values, batch["state_mask"], batch["labels"], self.args.gamma, self.args.lam)
         loss = value_loss(values, targets, batch["state_mask"])
-        stats = {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
-                 "val/target_mean": masked_mean(targets, batch["state_mask"]).item()}
-        if not self.args.bt_coef:
-            return (loss,), stats
-        T = batch["state_mask"].sum(1).long() - 1
-        final = values[torch.arange(len(T)), T]
-        bt = -torch.nn.functional.logsigmoid(final[0::2] - final[1::2]).mean()
-        return (loss, self.args.bt_coef * bt), {**stats, "loss/bt": bt.item()}
+        return loss, {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
+                      "val/target_mean": masked_mean(targets, batch["state_mask"]).item()}
 
     def weight(self, batch):
-        """What each loss term averages over: states (and pairs for the Bradley-Terry term)."""
-        states = batch["state_mask"].sum().item()
-        return (states, len(batch["labels"]) // 2) if self.args.bt_coef else (states,)
+        """What the loss averages over: states."""
+        return batch["state_mask"].sum().item()
 
     def meta(self):
-        return {"lam": self.args.lam, "gamma": self.args.gamma, "label": "+1 chosen / -1 rejected",
-                **({"bt_coef": self.args.bt_coef} if self.args.bt_coef else {})}
+        return {"lam": self.args.lam, "gamma": self.args.gamma, "label": "+1 chosen / -1 rejected"}
 
 
 def batch_order(n_samples, pair_batches, rng):
@@ -336,24 +324,23 @@ def batch_order(n_samples, pair_batches, rng):
 
 
 def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch_size=0):
-    """One optimizer step on a batch of samples, accumulated over micro-batches: each loss term of a
-    micro-batch (a mean) is weighted by the micro-batch's share of what that term averages over (states or
-    pairs), so the gradient equals the whole batch's. Statistics are weighted by the first term's shares;
-    returns them with the gradient norm before clipping."""
+    """One optimizer step on a batch of samples, accumulated over micro-batches: each micro-batch's mean
+    loss is weighted by its share of what the objective averages over (states or pairs), so the gradient
+    equals the whole batch's. (statistics weighted the same way, gradient norm before clipping)"""
     micro = micro_batch_size or len(samples)
     parts = [collate(samples[i:i + micro], pad_id) for i in range(0, len(samples), micro)]
     weights = [objective.weight(b) for b in parts]
-    totals = [sum(w) for w in zip(*weights)]
+    share = [w / sum(weights) for w in weights]
     opt.zero_grad(set_to_none=True)
     stats = {}
-    for batch, w in zip(parts, weights):
+    for batch, f in zip(parts, share):
         batch = {k: v.to(device) for k, v in batch.items()}
         with prec.autocast():
             values = state_values(model, batch)
-        terms, m = objective.loss(values, batch)
-        prec.backward(sum(t * (wk / total) for t, wk, total in zip(terms, w, totals)))
+        loss, m = objective.loss(values, batch)
+        prec.backward(loss * f)
         for k, v in m.items():
-            stats[k] = stats.get(k, 0.0) + v * w[0] / totals[0]
+            stats[k] = stats.get(k, 0.0) + v * f
     return stats, prec.step(opt, model.parameters(), 1.0)
 
 
@@ -366,8 +353,6 @@ def train(args: Args, objective=None):
         raise UsageError("--max-steps 0: must be -1 (all epochs) or at least 1")
     if objective.pair_batches and (args.batch_size % 2 or args.micro_batch_size % 2):
         raise UsageError("--batch-size and --micro-batch-size must be even: a pair's two samples stay together")
-    if args.bt_coef and not args.pair_batches:
-        raise UsageError("--bt-coef needs --pair-batches: the Bradley-Terry term compares a pair's two samples")
     if args.select != "last" and args.select not in SELECT:
         raise UsageError(f"--select {args.select}: must be last or one of {', '.join(SELECT)}")
     check_optimizer(args.optim)

@@ -37,7 +37,6 @@ VARIANTS = {
     "e10-lam1": "--epochs 10 --lam 1.0 --select last",
     "e10-lam0.8": "--epochs 10 --lam 0.8 --select last",
     "e10-bs64": "--epochs 10 --batch-size 64 --select last",
-    "e10-bt1": "--epochs 10 --bt-coef 1.0 --select last",
     "e10-margin": "--epochs 10 --select margin",
     "e20-margin": "--epochs 20 --select margin",
 }
@@ -72,7 +71,7 @@ def fresh_or_reused(script, args_cls, flags, out):
     """Run `script flags --out out` unless `out` already holds a finished run with the same flags."""
     planned = asdict(runtime.parse_args(args_cls, [*flags, "--out", out]))
     done = os.path.join(out, "summary.json")
-    if os.path.isfile(done) and json.load(open(done))["args"] == planned:
+    if os.path.isfile(done) and {k: json.load(open(done))["args"].get(k) for k in planned} == planned:
         print(f"gvm_sweep: reusing {out}", flush=True)
     else:
         print(f"gvm_sweep: {script} {' '.join(flags)} -> {out}", flush=True)

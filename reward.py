@@ -44,12 +44,12 @@ class BradleyTerry:
         score = values[torch.arange(len(T)), T]
         chosen, rejected = score[0::2], score[1::2]
         loss = bradley_terry_loss(chosen, rejected)
-        return (loss,), {"loss/rm": loss.item(), "rm/accuracy": (chosen > rejected).float().mean().item(),
+        return loss, {"loss/rm": loss.item(), "rm/accuracy": (chosen > rejected).float().mean().item(),
                       "rm/margin": (chosen - rejected).mean().item()}
 
     def weight(self, batch):
         """What the loss averages over: pairs."""
-        return (len(batch["labels"]) // 2,)
+        return len(batch["labels"]) // 2
 
     def meta(self):
         return {"loss": "bradley-terry", "score": "value head at the last response token"}

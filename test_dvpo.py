@@ -156,21 +156,6 @@ def test_gae_matches_loop_reference():
         assert (adv[b, n:] == 0).all()
 
 
-def test_gvm_bradley_terry_term_by_hand():
-    values = torch.tensor([[0.1, 0.5, 0.9], [0.1, -0.2, 7.0]], requires_grad=True)  # chosen T=2, rejected T=1
-    batch = {"state_mask": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]), "labels": torch.tensor([1.0, -1.0])}
-    (td,), _ = gvm.TDObjective(gvm.Args(lam=1.0)).loss(values, batch)
-    # lambda = 1: every target is the label; 1/2 mean of (0.81, 0.25, 0.01, 1.21, 0.64) over 5 states
-    assert td.item() == pytest.approx(0.5 * 2.92 / 5)
-    objective = gvm.TDObjective(gvm.Args(lam=1.0, bt_coef=0.5))
-    (td2, bt), m = objective.loss(values, batch)
-    assert td2.item() == td.item()
-    # 0.5 * -log sigmoid(0.9 - (-0.2)) = 0.5 * 0.287682
-    assert bt.item() == pytest.approx(0.5 * math.log1p(math.exp(-1.1)), abs=1e-6)
-    assert m["loss/bt"] == pytest.approx(math.log1p(math.exp(-1.1)), abs=1e-6)
-    assert objective.weight(batch) == (5, 1) and gvm.TDObjective(gvm.Args()).weight(batch) == (5,)
-
-
 def test_heldout_metrics_by_hand(monkeypatch):
     # two pairs: (chosen T=2, rejected T=1) and (chosen T=1, rejected T=2)
     samples = [([1, 2], [3, 4], 1.0), ([1, 2], [5], -1.0), ([1], [6], 1.0), ([1], [7, 8], -1.0)]
@@ -703,7 +688,7 @@ def test_bradley_terry_loss_by_hand():
 def test_reward_model_objective_reads_the_last_token_of_each_pair():
     values = torch.tensor([[0.0, 9.0, 2.0, 0.0], [0.0, 1.0, 9.0, 9.0]])  # chosen T=2, rejected T=1
     batch = {"state_mask": torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])}
-    (loss,), m = reward.BradleyTerry().loss(values, batch)
+    loss, m = reward.BradleyTerry().loss(values, batch)
     assert loss.item() == pytest.approx(reward.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0])).item())
     assert m["rm/accuracy"] == 1.0 and m["rm/margin"] == pytest.approx(1.0)
 
@@ -907,7 +892,7 @@ def test_gvm_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_backbo
     model = gvm.ValueModel(backbone)
     torch.nn.init.normal_(model.head.weight, std=0.1)
     samples = gvm.pair_samples(PAIRS * 2, tok, 64, "test")
-    for objective in (gvm.TDObjective(gvm.Args()), gvm.TDObjective(gvm.Args(bt_coef=0.5)), reward.BradleyTerry()):
+    for objective in (gvm.TDObjective(gvm.Args()), reward.BradleyTerry()):
         grads = []
         for micro in (0, 2):
             m = copy.deepcopy(model)
