@@ -37,6 +37,7 @@ VARIANTS = {
     "e10-lam1": "--epochs 10 --lam 1.0 --select last",
     "e10-lam0.8": "--epochs 10 --lam 0.8 --select last",
     "e10-bs64": "--epochs 10 --batch-size 64 --select last",
+    "e10-acc": "--epochs 10 --select acc_final",
     "e10-margin": "--epochs 10 --select margin",
     "e20-margin": "--epochs 20 --select margin",
 }

@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -382,6 +383,7 @@ def bad_input_cases(tmp_path, sft):
         (["--model", str(tmp_path / "no_model")], "--model"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--lam", "1.5"], "--lam"),
+        (["--select", "accuracy"], "--select accuracy: must be last or one of acc_final, acc_mean, margin"),
     ]
 
 
@@ -773,6 +775,46 @@ def test_compare_runs_every_method_and_reports_every_phase_and_ratio(tmp_path):
     assert "| update | " in proc.stdout and "gold within" in proc.stdout
     assert f"| model states, analytic | {d['states_analytic'] / 2 ** 20:.1f} (0.56) |" in proc.stdout  # DVPO's column
     assert "reward model" in proc.stdout and {"gvm", "rm"} <= set(res["value_models"])
+
+
+def test_gvm_sweep_correlations_by_hand():
+    import gvm_sweep
+    assert gvm_sweep.ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]  # ties share their mean rank
+    # a and b are orthogonal to each other, to the constants and to z: with z's linear effect removed, x = z + a
+    # and y = 2z + b are uncorrelated although r(x, y) is high; y = z + 3a keeps a perfect partial correlation
+    z, a, b = np.array([1.0, 2, 3, 4]), np.array([1.0, -1, -1, 1]), np.array([1.0, -3, 3, -1])
+    assert np.corrcoef(z + a, 2 * z + b)[0, 1] > 0.5
+    assert gvm_sweep.partial(z + a, 2 * z + b, z) == pytest.approx(0.0, abs=1e-9)
+    assert gvm_sweep.partial(z + a, z + 3 * a, z) == pytest.approx(1.0)
+    runs = [{"gold": g, "kl": k, "gvm": {f"eval/{c}": m for c in gvm_sweep.CRITERIA}}
+            for g, k, m in zip(2 * z + b, z, z + a)]
+    c = gvm_sweep.correlations(runs)["margin"]
+    assert c["spearman"] == pytest.approx(np.corrcoef(gvm_sweep.ranks(z + a), gvm_sweep.ranks(2 * z + b))[0, 1])
+    assert c["pearson"] == pytest.approx(np.corrcoef(z + a, 2 * z + b)[0, 1]) and c["partial_kl"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gvm_sweep_runs_each_variant_and_reuses_finished_runs(default_world):
+    """The sweep on a tiny budget: a GVM and a DVPO run per variant and seed, PPO beside them, the table and the
+    correlations; run again, it reuses every finished run; a bad variant is one line."""
+    import gvm_sweep
+    cwd, first = default_world
+    assert first.returncode == 0, first.stderr[-3000:]
+    argv = [sys.executable, os.path.join(REPO, "gvm_sweep.py"), "--root", "ckpt/sw", "--variants", "e3,e10-margin",
+            "--seeds", "0,1", "--steps", "2", "--eval-n", "10", "--gvm-extra", "--max-steps 12 --eval-every 4"]
+    proc = subprocess.run(argv, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((cwd / "ckpt" / "sw" / "sweep.json").read_text())
+    assert [r["seed"] for r in res["variants"]["e10-margin"]] == [0, 1] and len(res["ppo"]) == 2
+    g = json.loads((cwd / "ckpt" / "sw" / "gvm-e10-margin-s1" / "summary.json").read_text())
+    assert (g["args"]["epochs"], g["args"]["select"], g["args"]["max_steps"], g["args"]["seed"]) == (10, "margin", 12, 1)
+    d = json.loads((cwd / "ckpt" / "sw" / "dvpo-e3-s0" / "summary.json").read_text())
+    assert d["args"]["gvm"] == "ckpt/sw/gvm-e3-s0" and d["args"]["adaptive_kl"] and d["args"]["kl_horizon"] == 640
+    assert res["variants"]["e3"][0]["gold"] == d["eval/gold"]
+    assert set(res["correlations"]) == set(gvm_sweep.CRITERIA) and "| e10-margin |" in proc.stdout
+    again = subprocess.run(argv, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 10 and "-> ckpt" not in again.stdout
+    bad = subprocess.run([*argv[:2], "--variants", "e3,nope"], cwd=cwd, env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--variants e3,nope" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------- data shapes
