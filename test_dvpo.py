@@ -730,8 +730,10 @@ def test_ppo_baseline_refuses_a_gvm_as_reward_model(tiny_world, tiny_gvm, tmp_pa
 def test_ppo_baseline_raises_held_out_gold(default_world):
     cwd, gvm_proc = default_world
     assert gvm_proc.returncode == 0
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "ppo_baseline.py"), "--steps", "20", "--eval-every", "10",
-                           "--rm-epochs", "1"], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    # 30 steps, 400 prompts: PPO's gold at 20 steps of this world's fixture (+0.10 from -0.01, 200 prompts) sat inside
+    # the two 95% intervals; at 30 it is +0.35 from +0.04
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "ppo_baseline.py"), "--steps", "30", "--eval-every", "15",
+                           "--eval-n", "400", "--rm-epochs", "1"], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rm_summary = json.loads((cwd / "ckpt" / "rm" / "summary.json").read_text())
     assert rm_summary["eval/pairwise_acc_final"] > 0.6
@@ -741,7 +743,7 @@ def test_ppo_baseline_raises_held_out_gold(default_world):
     first, last = evals[0], evals[-1]
     assert last["eval/gold"] - last["eval/gold_ci95"] > first["eval/gold"] + first["eval/gold_ci95"], (first, last)
     steps = [m for m in lines if "loss/value" in m]
-    assert len(steps) == 20 and all(m["val/ratio_first_max_dev"] == 0.0 for m in steps)
+    assert len(steps) == 30 and all(m["val/ratio_first_max_dev"] == 0.0 for m in steps)
 
 
 def test_compare_runs_every_method_and_reports_every_phase_and_ratio(tmp_path):
@@ -1898,8 +1900,10 @@ def test_lora_model_states_follow_the_byte_rule_with_one_base_per_backbone(tiny_
 def test_a_lora_dvpo_run_raises_held_out_gold(default_world):
     cwd, gvm_proc = default_world
     assert gvm_proc.returncode == 0
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "dvpo.py"), "--gvm", "ckpt/gvm", "--steps", "20",
-                           "--eval-every", "10", "--lora-r", "8", "--lr", "3e-3", "--out", "ckpt/dvpo-lora"],
+    # lr 1e-3, as the README's LoRA run: at 3e-3 the fixture's 400-step GVM is over-optimised (gold +0.19 at step 10,
+    # back to +0.02 at KL 7.8 by step 20)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "dvpo.py"), "--gvm", "ckpt/gvm", "--steps", "30",
+                           "--eval-every", "15", "--eval-n", "400", "--lora-r", "8", "--lr", "1e-3", "--out", "ckpt/dvpo-lora"],
                           cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(line) for line in (cwd / "ckpt" / "dvpo-lora" / "metrics.jsonl").read_text().splitlines()
