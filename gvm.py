@@ -45,7 +45,7 @@ class Args:
     out: str = arg("ckpt/gvm", "output folder: backbone, head, tokenizer, value_model.json, metrics.jsonl, summary.json")
     lam: float = arg(0.95, "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap", "[0, 1]")
     gamma: float = arg(1.0, "discount of the return-to-go", "(0, 1]")
-    epochs: int = arg(10, "passes over the training pairs (10: DVPO did better than from 3 or 20, README: What makes a good GVM)", ">= 1")
+    epochs: int = arg(10, "passes over the training pairs (10: DVPO did at least as well as from 3 or 20, README: What makes a good GVM)", ">= 1")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)", ">= -1")
     batch_size: int = arg(32, "samples per optimizer step (a pair gives two samples)", ">= 1")
     micro_batch_size: int = arg(0, "samples per forward/backward; gradients accumulate over --batch-size (0: the whole batch)", ">= 0")

@@ -812,6 +812,8 @@ def test_gvm_sweep_runs_each_variant_and_reuses_finished_runs(default_world):
     d = json.loads((cwd / "ckpt" / "sw" / "dvpo-e3-s0" / "summary.json").read_text())
     assert d["args"]["gvm"] == "ckpt/sw/gvm-e3-s0" and d["args"]["adaptive_kl"] and d["args"]["kl_horizon"] == 640
     assert res["variants"]["e3"][0]["gold"] == d["eval/gold"]
+    rm = json.loads((cwd / "ckpt" / "sw" / "rm" / "summary.json").read_text())["args"]
+    assert (rm["epochs"], rm["lr"], rm["select"]) == (reward.RewardArgs.rm_epochs, reward.RewardArgs.rm_lr, "last")
     assert set(res["correlations"]) == set(gvm_sweep.CRITERIA) and "| e10-margin |" in proc.stdout
     again = subprocess.run(argv, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reusing") == 10 and "-> ckpt" not in again.stdout
