@@ -92,15 +92,12 @@ def bench_world(args):
 
 
 def value_models(args, paths):
-    """GVM (TD(lambda)) and reward model (Bradley-Terry) from one loop, one backbone and the same pairs."""
-    out = {}
-    defaults = {"gvm": (gvm.Args.epochs, gvm.Args.select), "rm": (reward.RewardArgs.rm_epochs, "last")}
-    for kind, objective in (("gvm", None), ("rm", reward.BradleyTerry())):
-        epochs, select = defaults[kind]
-        a = gvm.Args(model=paths["sft"], data=paths["pairs"], eval_data=paths["pairs_eval"], out=os.path.join(args.root, kind),
-                     epochs=args.value_epochs or epochs, select=select, device=args.device)
-        out[kind] = gvm.train(a, objective)
-    return out
+    """GVM (TD(lambda)) and reward model (Bradley-Terry) from one loop, one backbone and the same pairs, each with its
+    own script's defaults unless --value-epochs sets both."""
+    common = {"model": paths["sft"], "data": paths["pairs"], "eval_data": paths["pairs_eval"], "device": args.device,
+              **({"epochs": args.value_epochs} if args.value_epochs else {})}
+    return {"gvm": gvm.train(gvm.Args(out=os.path.join(args.root, "gvm"), **common)),
+            "rm": reward.train_reward_model(os.path.join(args.root, "rm"), **common)}
 
 
 def run(script, flags, log_path):

@@ -175,9 +175,7 @@ def sweep(args: Args):
                                           "gold": d["eval/gold"], "gold_ci95": d["eval/gold_ci95"], "kl": d["eval/kl"]})
     if args.ppo:
         if not os.path.isfile(os.path.join(rm, "summary.json")):  # stage A once, as ppo_baseline.py would train it
-            r = reward.RewardArgs
-            gvm.train(gvm.Args(out=rm, epochs=r.rm_epochs, lr=r.rm_lr, batch_size=r.rm_batch_size, select="last",
-                               device=args.device), reward.BradleyTerry())
+            reward.train_reward_model(rm, args.device)
         res["ppo"] = []
         for seed in seeds:
             p = fresh_or_reused("ppo_baseline.py", ppo_baseline.Args, [*rl_flags(args), "--rm", rm, "--seed", seed],

@@ -55,19 +55,26 @@ class BradleyTerry:
         return {"loss": "bradley-terry", "score": "value head at the last response token"}
 
 
+def train_reward_model(out, device="auto", **flags):
+    """Stage A: a Bradley-Terry reward model trained into `out` by gvm.py's loop, with stage A's defaults
+    (RewardArgs' --rm-epochs, --rm-lr, --rm-batch-size, the last checkpoint) where `flags` (gvm.Args fields) are silent."""
+    defaults = {"epochs": RewardArgs.rm_epochs, "lr": RewardArgs.rm_lr, "batch_size": RewardArgs.rm_batch_size, "select": "last"}
+    return gvm.train(gvm.Args(out=out, device=device, **{**defaults, **flags}), BradleyTerry())
+
+
 def reward_model_path(args):
     """--rm, or a reward model trained on --data with gvm.py's loop and the Bradley-Terry loss (stage A)."""
     if args.rm:
         return args.rm
     if args.resume and os.path.isfile(os.path.join(args.rm_out, gvm.META_FILE)):
         return args.rm_out  # stage A of the run being resumed
-    gvm.train(gvm.Args(model=args.policy, data=args.data, eval_data=args.eval_data, split=args.split,
-                       eval_split=args.eval_split, max_prompt_len=args.max_prompt_len, strict=args.strict,
-                       out=args.rm_out, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size, select="last",
+    train_reward_model(args.rm_out, args.device, model=args.policy, data=args.data, eval_data=args.eval_data,
+                       split=args.split, eval_split=args.eval_split, max_prompt_len=args.max_prompt_len,
+                       strict=args.strict, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
                        micro_batch_size=args.micro_batch_size, dtype=args.dtype,
-                       gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, optim=args.optim, seed=args.seed, device=args.device),
-              BradleyTerry())
+                       gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
+                       optim=args.optim, seed=args.seed)
     return args.rm_out
 
 
