@@ -335,6 +335,7 @@ def method_flags(args, method, paths, device, extra, n_pairs):
 def compare(args: Args):
     if args.analytic:
         return analytic_memory(args)
+    runtime.single_process("compare.py")
     runtime.check_args(args)
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):

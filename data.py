@@ -18,6 +18,7 @@ import os
 
 import torch
 
+import distributed
 import lora
 from runtime import UsageError
 
@@ -162,10 +163,11 @@ def disable_dropout(model):
     return model
 
 
-def save_pretrained(model, tok, folder):
+def save_pretrained(model, tok, folder, state_dict=None):
     """model.save_pretrained (and the tokenizer's), with the config's dropout rates as they were loaded:
     dropout is off while we train, not in the checkpoint a user fine-tunes next. A LoRA model is written
-    merged, with its adapter in folder/adapter (lora.save)."""
+    merged, with its adapter in folder/adapter (lora.save). state_dict: the weights to write instead of the
+    model's own (an FSDP2 model's, gathered by distributed.full_state_dict)."""
     kept = getattr(model, "config_dropout", {}).values()
     for config, name, value in kept:
         setattr(config, name, value)
@@ -173,7 +175,7 @@ def save_pretrained(model, tok, folder):
         if lora.is_lora(model):
             lora.save(model, folder)
         else:
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, state_dict=state_dict)
         if tok is not None:
             tok.save_pretrained(folder)
     finally:
@@ -198,7 +200,9 @@ def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.
     owner = model.get_base_model() if lora.is_lora(model) else model  # whose generate() reads generation_config
     declared, owner.generation_config = owner.generation_config, config
     try:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        # synced_gpus: under FSDP2 every rank must run as many forward passes as the longest rank's generation
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                              synced_gpus=distributed.is_sharded(model))
     finally:
         owner.generation_config = declared
 

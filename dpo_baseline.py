@@ -118,6 +118,7 @@ def implicit_accuracy(policy, ref, tok, samples, args, prec):
 
 # ---------------------------------------------------------------------------------------------- main
 def train(args: Args):
+    runtime.single_process("dpo_baseline.py")
     runtime.check_args(args)
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")

@@ -131,6 +131,7 @@ def gvm_pairs(args, meta):
 
 
 def run(args: Args):
+    runtime.single_process("evaluate.py")
     runtime.check_args(args)
     if not args.policies:
         raise UsageError("name at least one policy, e.g. python evaluate.py ckpt/sft ckpt/dvpo")

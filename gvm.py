@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import distributed
 import lora
 import runtime
 import world
@@ -56,6 +57,7 @@ class Args:
     lora_dropout: float = arg(0.0, "dropout on the adapters' input", "[0, 1)")
     lora_targets: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or comma-separated names, e.g. q_proj,v_proj")
     optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
+    fsdp: bool = arg(False, "under torchrun: shard the model's parameters, gradients and AdamW state over the processes (FSDP2) instead of a full replica on each (DDP)")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
     pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
     warmup_steps: int = arg(20, "steps of linear learning-rate warmup", ">= 0")
@@ -87,7 +89,7 @@ class ValueModel(nn.Module):
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden).squeeze(-1).float().clone()  # not a view: FSDP2 hooks a module's output for backward
 
 
 def load_backbone(name, flag="--model", dtype=torch.float32):
@@ -99,9 +101,16 @@ HEAD_FILE, META_FILE = "value_head.safetensors", "value_model.json"
 
 
 def save_value_model(model, tok, folder, meta):
+    """The backbone (save_pretrained), the head and value_model.json in folder. Under torchrun every rank calls
+    it (a sharded model is gathered) and rank 0, whose folder is not None, writes."""
     from safetensors.torch import save_file
-    data.save_pretrained(model.backbone, tok, folder)
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, os.path.join(folder, HEAD_FILE))
+    full = distributed.full_state_dict(model)
+    if folder is None:
+        return
+    part = lambda prefix: None if full is None else {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}  # noqa: E731
+    data.save_pretrained(model.backbone, tok, folder, part("backbone."))
+    head = part("head.") or model.head.state_dict()
+    save_file({k: v.contiguous() for k, v in head.items()}, os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump({**meta, "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)}, f, indent=2)
 
@@ -233,12 +242,15 @@ def heldout_metrics(model, samples, pad_id, device, batch_size=128, gamma=1.0, l
     pairwise accuracy by V(s_T) and by the mean of V(s_1..s_T) (ties count half), the mean margin
     V_T(chosen) - V_T(rejected) and its Bradley-Terry loss -log sigmoid(margin), the terminal MSE (V(s_T) - label)^2,
     the Monte Carlo MSE of every response state against the label, the TD(lambda) loss the GVM trains on, and the
-    calibration error of V(s_T) read as a probability (calibration_error)."""
+    calibration error of V(s_T) read as a probability (calibration_error). Under torchrun each rank values its
+    share of the pairs and all get the metrics of the whole."""
     was_training = model.training
     model.eval()
+    part, n_real = distributed.padded_share(samples, unit=2)
     final, mean, mc, td, n_states = [], [], 0.0, 0.0, 0.0
-    for i in range(0, len(samples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
+    for i in range(0, len(part), batch_size):
+        batch = {k: v.to(device) for k, v in collate(part[i:i + batch_size], pad_id).items()}
+        real = (torch.arange(i, i + len(batch["labels"]), device=device) < n_real).float()[:, None]  # not padding
         v = state_values(model, batch).float()
         sm = batch["state_mask"]
         m = sm.clone()
@@ -246,12 +258,13 @@ def heldout_metrics(model, samples, pad_id, device, batch_size=128, gamma=1.0, l
         T = sm.sum(1).long() - 1
         final.append(v[torch.arange(len(T)), T].cpu())
         mean.append(((v * m).sum(1) / m.sum(1)).cpu())
-        mc += (((v - batch["labels"][:, None]) ** 2) * m).sum().item()
+        mc += (((v - batch["labels"][:, None]) ** 2) * m * real).sum().item()
         targets = td_lambda_targets(v, sm, batch["labels"], gamma, lam)
-        td += (0.5 * (v - targets) ** 2 * sm).sum().item()
-        n_states += sm.sum().item()
+        td += (0.5 * (v - targets) ** 2 * sm * real).sum().item()
+        n_states += (sm * real).sum().item()
     model.train(was_training)
-    final, mean = torch.cat(final), torch.cat(mean)
+    final, mean = (torch.tensor(distributed.gather_shares(torch.cat(x).tolist(), n_real)) for x in (final, mean))
+    mc, td, n_states = distributed.all_reduce(torch.tensor([mc, td, n_states], dtype=torch.float64, device=device)).tolist()
     labels = torch.tensor([s[2] for s in samples])
 
     def acc(x):
@@ -326,11 +339,14 @@ def batch_order(n_samples, pair_batches, rng):
 def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch_size=0):
     """One optimizer step on a batch of samples, accumulated over micro-batches: each micro-batch's mean
     loss is weighted by its share of what the objective averages over (states or pairs), so the gradient
-    equals the whole batch's. (statistics weighted the same way, gradient norm before clipping)"""
+    equals the whole batch's. Under torchrun `samples` are this rank's share of the batch and the weights are
+    over the global batch, times the number of ranks, so DDP's average of the ranks' gradients is the whole
+    batch's, and so is the mean over ranks of each statistic. (statistics, gradient norm before clipping)"""
     micro = micro_batch_size or len(samples)
     parts = [collate(samples[i:i + micro], pad_id) for i in range(0, len(samples), micro)]
     weights = [objective.weight(b) for b in parts]
-    share = [w / sum(weights) for w in weights]
+    total = distributed.all_reduce(torch.tensor(sum(weights), dtype=torch.float64, device=device)).item()
+    share = [w / (total / distributed.world()) for w in weights]
     opt.zero_grad(set_to_none=True)
     stats = {}
     for batch, f in zip(parts, share):
@@ -341,7 +357,7 @@ def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch
         prec.backward(loss * f)
         for k, v in m.items():
             stats[k] = stats.get(k, 0.0) + v * f
-    return stats, prec.step(opt, model.parameters(), 1.0)
+    return distributed.mean_over_ranks(stats), prec.step(opt, model.parameters(), 1.0)
 
 
 def train(args: Args, objective=None):
@@ -353,6 +369,12 @@ def train(args: Args, objective=None):
         raise UsageError("--max-steps 0: must be -1 (all epochs) or at least 1")
     if objective.pair_batches and (args.batch_size % 2 or args.micro_batch_size % 2):
         raise UsageError("--batch-size and --micro-batch-size must be even: a pair's two samples stay together")
+    unit = 2 if objective.pair_batches else 1  # a batch's share on each rank holds whole pairs
+    problem = distributed.check_divides(args.batch_size, "--batch-size", unit)
+    if problem:
+        raise UsageError(problem)
+    if args.fsdp and args.lora_r:
+        raise UsageError("--fsdp with --lora-r: LoRA trains too few parameters to need sharding; use one or the other")
     if args.select != "last" and args.select not in SELECT:
         raise UsageError(f"--select {args.select}: must be last or one of {', '.join(SELECT)}")
     check_optimizer(args.optim)
@@ -379,8 +401,12 @@ def train(args: Args, objective=None):
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = distributed.wrap(model, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
 
-    steps_per_epoch = math.ceil(len(train_samples) / args.batch_size)
+    # under torchrun every batch, the epoch's last too, splits into equal shares: up to unit * ranks - 1 samples
+    # of each epoch's order are left out (none in one process)
+    n_used = len(train_samples) - len(train_samples) % (unit * distributed.world())
+    steps_per_epoch = math.ceil(n_used / args.batch_size)
     total = steps_per_epoch * args.epochs if args.max_steps < 0 else args.max_steps
     opt = make_optimizer(model.parameters(), args.lr, args.optim, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -393,7 +419,7 @@ def train(args: Args, objective=None):
     key = None if args.select == "last" else "eval/" + args.select.replace("acc_", "pairwise_acc_")
     best = None  # (step, metrics) of the checkpoint saved so far under --select
     with runtime.atomic_dir(args.out) as tmp:
-        log = runtime.MetricsLog(os.path.join(tmp, "metrics.jsonl"))
+        log = runtime.MetricsLog(tmp and os.path.join(tmp, "metrics.jsonl"))  # rank 0 writes
 
         def evaluate(step):
             nonlocal best
@@ -411,14 +437,14 @@ def train(args: Args, objective=None):
 
         evaluate(0)
         rng = random.Random(args.seed)
-        step, bar = 0, tqdm(total=total, desc=objective.kind, leave=False, disable=None)
+        step, bar = 0, tqdm(total=total, desc=objective.kind, leave=False, disable=None if distributed.is_main() else True)
         while step < total:
-            order = batch_order(len(train_samples), objective.pair_batches, rng)
+            order = batch_order(len(train_samples), objective.pair_batches, rng)[:n_used]
             for i in range(0, len(order), args.batch_size):
                 if step >= total:
                     break
                 t_step = time.time()
-                m, grad_norm = train_step(model, [train_samples[j] for j in order[i:i + args.batch_size]],
+                m, grad_norm = train_step(trained, [train_samples[j] for j in distributed.my_share(order[i:i + args.batch_size])],
                                           objective, opt, prec, pad_id, device, args.micro_batch_size)
                 sched.step()
                 step += 1
@@ -441,8 +467,9 @@ def train(args: Args, objective=None):
         summary = {**best[1], "train/selected_step": best[0], "train/steps": step, "last": metrics,
                    "train/pairs": len(train_samples) // 2, "eval/pairs": len(eval_samples) // 2,
                    "params": n_params, "params/trained": n_trained, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}
-        with open(os.path.join(tmp, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        if tmp is not None:
+            with open(os.path.join(tmp, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
     chosen = "" if key is None else f" (step {best[0]} of {step}, best by {args.select})"
     print(f"saved {args.out}{chosen}: held-out pairwise accuracy {best[1]['eval/pairwise_acc_final']:.3f} (final value), "
           f"{best[1]['eval/pairwise_acc_mean']:.3f} (mean value), {wall:.0f}s", flush=True)

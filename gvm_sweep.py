@@ -146,6 +146,7 @@ def report(res, args):
 
 
 def sweep(args: Args):
+    runtime.single_process("gvm_sweep.py")
     runtime.check_args(args)
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import distributed
 import lora
 import rollout
 import runtime
@@ -55,6 +56,7 @@ class RLArgs:
     lora_dropout: float = arg(0.0, "dropout on the adapters' input (0 keeps the first PPO ratio exactly 1)", "[0, 1)")
     lora_targets: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or comma-separated names, e.g. q_proj,v_proj")
     optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
+    fsdp: bool = arg(False, "under torchrun: shard the trained models' parameters, gradients and AdamW state over the processes (FSDP2) instead of a full replica on each (DDP)")
     ppo_epochs: int = arg(4, "PPO epochs over each batch", ">= 1")
     cliprange: float = arg(0.2, "PPO ratio clip epsilon", "> 0")
     lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)", "> 0")
@@ -77,8 +79,16 @@ def validate_rl(args):
     runtime.check_args(args)
     if args.batch_size % args.minibatch_size:
         raise UsageError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
-    if args.micro_batch_size and args.minibatch_size % args.micro_batch_size:
-        raise UsageError(f"--micro-batch-size {args.micro_batch_size} does not divide --minibatch-size {args.minibatch_size}")
+    for problem in (distributed.check_divides(args.batch_size, "--batch-size"),
+                    distributed.check_divides(args.minibatch_size, "--minibatch-size")):
+        if problem:
+            raise UsageError(problem)
+    share = args.minibatch_size // distributed.world()  # the responses of a minibatch each process computes on
+    if args.micro_batch_size and share % args.micro_batch_size:
+        raise UsageError(f"--micro-batch-size {args.micro_batch_size} does not divide --minibatch-size {args.minibatch_size}"
+                         + (f" over {distributed.world()} processes ({share} each)" if distributed.world() > 1 else ""))
+    if args.fsdp and args.lora_r:
+        raise UsageError("--fsdp with --lora-r: LoRA trains too few parameters to need sharding; use one or the other")
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
     rollout.check_optimizer(args.optim)
@@ -214,12 +224,14 @@ class PromptSampler:
 
 def held_out_eval(policy, ref, tok, prompts, args, seed, use_gold):
     """KL, length, EOS rate and (with use_gold) gold reward on held-out prompts, sampled with a fixed seed
-    that leaves training's RNG alone."""
+    that leaves training's RNG alone. Under torchrun each rank samples its share and all see the whole."""
     import evaluate
     states = runtime.rng_states()
-    torch.manual_seed(seed)
-    s = evaluate.score_policy(policy, ref, tok, prompts, args.forward_batch_size or 250, args.max_new_tokens,
-                              args.temperature)
+    torch.manual_seed(seed + distributed.rank())
+    part, n_real = distributed.padded_share(prompts)
+    mine = evaluate.score_policy(policy, ref, tok, part, args.forward_batch_size or 250, args.max_new_tokens,
+                                 args.temperature)
+    s = {k: distributed.gather_shares(mine[k], n_real) for k in ("gold", "kl", "ended", "length")}
     runtime.set_rng_states(states)
     gold, ci = evaluate.mean_ci(s["gold"])
     return {**({"eval/gold": gold, "eval/gold_ci95": ci} if use_gold else {}), "eval/kl": sum(s["kl"]) / len(s["kl"]),
@@ -242,9 +254,13 @@ def eval_text(ev):
 
 def save_run(args, summary, policy, tok, records, state):
     """Write --out atomically: the policy (save_pretrained), metrics.jsonl, summary.json and, with a state,
-    trainer_state.pt for --resume. An interrupted save leaves the last good one (runtime.atomic_dir)."""
+    trainer_state.pt for --resume. An interrupted save leaves the last good one (runtime.atomic_dir). Under
+    torchrun every rank calls it (a sharded policy is gathered) and rank 0 writes."""
+    weights = distributed.full_state_dict(policy)
     with runtime.atomic_dir(args.out) as tmp:
-        data.save_pretrained(policy, tok, tmp)
+        if tmp is None:
+            return
+        data.save_pretrained(policy, tok, tmp, weights)
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         with open(os.path.join(tmp, "summary.json"), "w") as f:
@@ -263,8 +279,11 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     `samples_per_prompt` (a group of responses per prompt; minibatches then hold as many groups' worth),
     `kl_in_loss` (beta * k3 to the reference in the loss instead of the per-token reward), `whiten` (False:
     the advantages are used as computed), `loss_aggregation` (rollout.loss_weights) and
-    `after_generate(policy, tok, r)` (more generation, timed with the generate phase)."""
+    `after_generate(policy, tok, r)` (more generation, timed with the generate phase). Under torchrun each rank
+    samples its share of every batch's prompts and trains on its share of every minibatch; the policy trains
+    as distributed.wrap makes it (DDP or FSDP2), and every logged number is the global batch's."""
     G, kl_in_loss = getattr(algo, "samples_per_prompt", 1), getattr(algo, "kl_in_loss", False)
+    trained = distributed.wrap(policy, args.fsdp)  # before the optimizer: FSDP2 replaces the parameters
     opt = rollout.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
     params = {id(p): p for m in (policy, ref, *algo.models) for p in m.parameters()}  # a shared base counted once
     frozen = {i for i, p in params.items() if not p.requires_grad}
@@ -275,18 +294,23 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     gen = torch.Generator().manual_seed(args.seed)
     records, ev, start, elapsed = [], {}, 0, 0.0
     use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
+    if distributed.world() > 1:  # the same weights everywhere so far; from here each rank samples its own responses
+        runtime.seed_everything(args.seed + distributed.rank())
     if args.resume:
         st = load_state(args, algo.name)
         if st["step"] >= args.steps:
             raise UsageError(f"--resume: {args.out} has done {st['step']} steps already; raise --steps above that")
-        opt.load_state_dict(st["optimizer"])
+        if st.get("world_size", 1) != distributed.world():
+            raise UsageError(f"--resume: {args.out} was trained by {st.get('world_size', 1)} process(es), not "
+                             f"{distributed.world()}; resume it with as many (torchrun --nproc-per-node)")
+        distributed.load_optimizer_state(trained, opt, st["optimizer"])
         prec.scaler.load_state_dict(st["scaler"])
         kl_ctl.beta = st["kl_coef"]
         sampler.load_state_dict(st["sampler"])
         gen.set_state(st["generator"])
         if st.get("algo_state") is not None:
             algo.load_state_dict(st["algo_state"])
-        runtime.set_rng_states(st["rng"])
+        runtime.set_rng_states(st["rng"][distributed.rank()] if st.get("world_size", 1) > 1 else st["rng"])
         records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
 
     def checkpoint(step, with_state):
@@ -295,10 +319,11 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
                    "params/frozen": sum(p.numel() for p in params.values() if not p.requires_grad),
                    "device": str(device), "args": asdict(args)}
         state = None if not with_state else {
-            "algo": algo.name, "step": step, "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
-            "kl_coef": kl_ctl.beta, "sampler": sampler.state_dict(), "generator": gen.get_state(),
-            "algo_state": algo.state_dict() if hasattr(algo, "state_dict") else None, "rng": runtime.rng_states(),
-            "records": records, "eval": ev, "elapsed": time.time() - t0}
+            "algo": algo.name, "step": step, "optimizer": distributed.optimizer_state(trained, opt),
+            "scaler": prec.scaler.state_dict(), "kl_coef": kl_ctl.beta, "sampler": sampler.state_dict(),
+            "generator": gen.get_state(), "algo_state": algo.state_dict() if hasattr(algo, "state_dict") else None,
+            "rng": runtime.rng_states() if distributed.world() == 1 else distributed.gather_objects(runtime.rng_states()),
+            "world_size": distributed.world(), "records": records, "eval": ev, "elapsed": time.time() - t0}
         save_run(args, summary, policy, tok, records, state)
         return summary
 
@@ -306,7 +331,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
           f"{args.steps} steps of {args.batch_size} prompts on {device} ({args.dtype}), {len(prompts)} prompts"
           + (f", resumed at step {start}" if start else ""), flush=True)
     t0 = time.time() - elapsed
-    for step in tqdm(range(start, args.steps + 1), desc=algo.name, leave=False, disable=None):
+    for step in tqdm(range(start, args.steps + 1), desc=algo.name, leave=False, disable=None if distributed.is_main() else True):
         done_here = any(rec["step"] == step and "eval/kl" in rec for rec in records)
         if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not done_here:
             with prec.autocast():
@@ -315,14 +340,15 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
             tqdm.write(f"eval step {step} | " + eval_text(ev))
         if step == args.steps:
             break
-        batch = [prompts[i] for i in sampler.take(args.batch_size) for _ in range(G)]
+        batch = [prompts[i] for i in distributed.my_share(sampler.take(args.batch_size)) for _ in range(G)]
         with probe.phase("generate"), prec.autocast():
             r = generate(policy, tok, [p for p, _ in batch], args.max_new_tokens, args.temperature,
                          ids=[ids for _, ids in batch], chunk=args.forward_batch_size)
             if hasattr(algo, "after_generate"):
                 algo.after_generate(policy, tok, r)
         with probe.phase("score"):
-            plans = minibatches(len(batch), args.minibatch_size * G, args.ppo_epochs, gen)
+            plans = minibatches(args.batch_size * G, args.minibatch_size * G, args.ppo_epochs, gen, distributed.world(),
+                                distributed.rank())
             old_logp = old_logprobs(policy, r, plans[0], args, prec)
             with prec.autocast():
                 ref_logp = in_chunks(lambda x: response_logprobs(ref, x, args.temperature, chunk=args.logprob_chunk),
@@ -334,21 +360,23 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
                 adv = algo.advantages(r, rewards)
                 adv = masked_whiten(adv, r.response_mask) if getattr(algo, "whiten", True) else adv
         with probe.phase("update"):
-            stats = ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None),
+            stats = ppo_update(trained, opt, prec, r, old_logp, adv, plans, args, getattr(algo, "minibatch_step", None),
                                ref_logp if kl_in_loss else None, kl_ctl.beta, getattr(algo, "loss_aggregation", "token"))
         for o in (opt, *algo.optimizers):  # gradients are not held through the next generation
             o.zero_grad(set_to_none=True)
         gold = world.gold_scores(r.texts) if use_gold else None
-        seq_kl = kl.sum(1).mean().item()
-        m = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.beta,
-             **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
-             f"objective/{algo.score_name}": algo.score.mean().item(),
-             "objective/kl_k3": (kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
-             "objective/length": T.float().mean().item(), "objective/eos_rate": r.ended.float().mean().item(),
-             **stats, **probe.pop(), "time/elapsed": time.time() - t0}
+        m = distributed.mean_over_ranks({  # each rank's share is equal, so the mean of means is the batch's
+            "objective/kl": kl.sum(1).mean().item(), **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
+            f"objective/{algo.score_name}": algo.score.mean().item(),
+            "objective/kl_k3": (kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
+            "objective/length": T.float().mean().item(), "objective/eos_rate": r.ended.float().mean().item()})
+        probed = probe.pop()  # memory and time of the rank that needed most
+        m = {**m, "objective/kl_coef": kl_ctl.beta, **stats, **distributed.mean_over_ranks(probed, maxima=probed),
+             "time/elapsed": time.time() - t0}
+        seq_kl = m["objective/kl"]
         records.append({"step": step + 1, **m})
         if args.adaptive_kl:
-            kl_ctl.update(seq_kl, len(batch))
+            kl_ctl.update(seq_kl, args.batch_size * G)
         tqdm.write(f"step {step + 1}/{args.steps} | " + (f"gold {gold_text(m, 'objective/gold')} | " if use_gold else "") +
                    f"kl {seq_kl:.2f} | "
                    f"{algo.score_name} {m[f'objective/{algo.score_name}']:+.3f} | clipfrac {m['policy/clipfrac']:.3f} | "

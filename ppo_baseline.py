@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import distributed
 import gvm
 import lora
 import reward
@@ -71,6 +72,7 @@ class LearnedCritic:
         self.critic.train()
         if args.gradient_checkpointing:
             data.enable_checkpointing(self.critic.backbone)
+        self.trained = distributed.wrap(self.critic, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
         self.opt = rollout.make_optimizer(self.critic.parameters(), args.critic_lr, args.optim, eps=1e-5)
         self.prec = rollout.Precision(args.dtype, device)
         self.models, self.optimizers = (self.reward_model, self.critic), (self.opt,)
@@ -91,7 +93,7 @@ class LearnedCritic:
 
         def micro_loss(micro_idx, micro, n):
             rows = idx[micro_idx]
-            vpred = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1:-1]
+            vpred = self.trained(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1:-1]
             loss, clipfrac = clipped_value_loss(vpred, self.old_values[rows], self.returns[rows], micro.response_mask,
                                                 self.args.cliprange_value, n)
             return self.args.vf_coef * loss, {"loss/value": loss, "val/clipfrac": clipfrac,
@@ -105,13 +107,13 @@ class LearnedCritic:
         """What trains (all of the critic, or under LoRA its adapters and head), its optimizer and loss scale."""
         if self.frozen:
             return None
-        trained = {n: p.detach() for n, p in self.critic.named_parameters() if p.requires_grad}
-        return {"critic": trained, "optimizer": self.opt.state_dict(), "scaler": self.prec.scaler.state_dict()}
+        return {"critic": distributed.trained_state(self.critic),
+                "optimizer": distributed.optimizer_state(self.critic, self.opt), "scaler": self.prec.scaler.state_dict()}
 
     def load_state_dict(self, s):
-        missing, unexpected = self.critic.load_state_dict(s["critic"], strict=False)
+        missing, unexpected = distributed.load_trained_state(self.critic, s["critic"])
         assert not unexpected and all(not p.requires_grad for n, p in self.critic.named_parameters() if n in missing)
-        self.opt.load_state_dict(s["optimizer"])
+        distributed.load_optimizer_state(self.critic, self.opt, s["optimizer"])
         self.prec.scaler.load_state_dict(s["scaler"])
 
 

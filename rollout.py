@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
 import lora
 from runtime import UsageError
 
@@ -32,8 +33,12 @@ def masked_var(x, mask):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over valid entries, 0 elsewhere; finite for masks holding 0 or 1 entry."""
-    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
+    """(x - mean) / std over valid entries, 0 elsewhere; finite for masks holding 0 or 1 entry. Under torchrun
+    the mean and the unbiased variance are the global batch's: sums and counts all-reduced over ranks."""
+    n = distributed.all_reduce(mask.sum())
+    mean = distributed.all_reduce((x * mask).sum()) / n.clamp(min=1)
+    var = distributed.all_reduce((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 # ---------------------------------------------------------------------------------------------- KL and GAE
@@ -237,12 +242,18 @@ def state_mask(rollout):
 
 
 # ---------------------------------------------------------------------------------------------- probes
+def local(t):
+    """This rank's part of a tensor FSDP2 shards (a DTensor), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def state_bytes(models=(), optimizers=()):
-    """Bytes of parameters, gradients and optimizer state held by these models and optimizers."""
-    params = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-    grads = sum(p.grad.numel() * p.grad.element_size() for m in models for p in m.parameters() if p.grad is not None)
-    opt = sum(v.numel() * v.element_size() for o in optimizers for s in o.state.values() for v in s.values()
-              if torch.is_tensor(v))
+    """Bytes of parameters, gradients and optimizer state held by these models and optimizers (this rank's
+    shards under FSDP2)."""
+    nbytes = lambda t: local(t).numel() * t.element_size()  # noqa: E731
+    params = sum(nbytes(p) for m in models for p in m.parameters())
+    grads = sum(nbytes(p.grad) for m in models for p in m.parameters() if p.grad is not None)
+    opt = sum(nbytes(v) for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v))
     return {"params": params, "grads": grads, "optimizer": opt}
 
 
@@ -291,7 +302,7 @@ class Probe:
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.param_ptrs = {p.untyped_storage().data_ptr() for m in self.models for p in m.parameters()}
+        self.param_ptrs = {local(p).untyped_storage().data_ptr() for m in self.models for p in m.parameters()}
         self.live, self.peak, self.count = 0, 0, {}
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
@@ -345,7 +356,7 @@ class Precision:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.scaler.step(opt)
         self.scaler.update()
-        return norm
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor of the global norm
 
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -411,9 +422,21 @@ def ppo_loss(new_logp, old_logp, adv, mask, cliprange, n=None, weight=None):
     return ((loss * mask).sum() / n if weight is None else (loss * weight).sum()), stats
 
 
-def minibatches(batch_size, minibatch_size, epochs, generator):
-    """One permutation per epoch, split into minibatches: [[idx, ...] per epoch]."""
-    return [torch.randperm(batch_size, generator=generator).split(minibatch_size) for _ in range(epochs)]
+def minibatches(batch_size, minibatch_size, epochs, generator, ranks=1, rank=None):
+    """One permutation per epoch, split into minibatches: [[idx, ...] per epoch]. With `ranks` processes, each
+    holding batch_size / ranks consecutive rows of the batch, each one's rows are permuted apart (all ranks draw
+    every permutation, so they agree) and every minibatch holds minibatch_size / ranks rows of each: `rank`
+    gets its own rows of each minibatch, indexed in its share; rank None, the whole minibatches (what one
+    process computing the same update uses). One process: the permutation of the whole batch."""
+    n, m = batch_size // ranks, minibatch_size // ranks
+    plans = []
+    for _ in range(epochs):
+        perms = [torch.randperm(n, generator=generator) for _ in range(ranks)]
+        if rank is not None:
+            plans.append(perms[rank].split(m))
+        else:
+            plans.append([torch.cat(parts) for parts in zip(*((p + k * n).split(m) for k, p in enumerate(perms)))])
+    return plans
 
 
 @torch.no_grad()
@@ -438,9 +461,11 @@ def accumulate(total, stats):
 def accumulated_step(opt, prec, params, max_norm, mb, micro_batch_size, micro_loss):
     """One optimizer step on a minibatch, accumulated over micro-batches of --micro-batch-size rows.
     micro_loss(idx, micro, n) returns the micro-batch's loss as its token sum over the minibatch's token
-    count n, so the gradients add up to the whole minibatch's, and its statistics on the same scale.
-    (summed statistics, gradient norm before clipping)"""
-    n = mb.response_mask.sum().clamp(min=1)
+    count n, so the gradients add up to the whole minibatch's, and its statistics on the same scale. Under
+    torchrun n is the global minibatch's token count over the number of ranks, so DDP's (and FSDP2's) average
+    of the ranks' gradients is the gradient of the whole minibatch's loss, and the mean over ranks of each
+    statistic is the whole minibatch's. (summed statistics, gradient norm before clipping)"""
+    n = distributed.all_reduce(mb.response_mask.sum()).clamp(min=1) / distributed.world()
     opt.zero_grad(set_to_none=True)
     total = {}
     for idx in micro_batches(len(mb.prompts), micro_batch_size):
@@ -487,6 +512,8 @@ def ppo_update(policy, opt, prec, r, old_logp, adv, plans, args, extra_step=None
             if extra_step is not None:
                 s.update(extra_step(idx, mb))
             stats.append(s)
+    for s, top in zip(stats, distributed.max_over_ranks([s["val/ratio_max_dev"] for s in stats])):
+        s["val/ratio_max_dev"] = top  # each minibatch's largest |ratio - 1| over all ranks' rows
     out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
     out["val/ratio_first_max_dev"] = stats[0]["val/ratio_max_dev"]
-    return out
+    return distributed.mean_over_ranks(out, maxima=("val/ratio_max_dev", "val/ratio_first_max_dev"))

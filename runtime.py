@@ -17,6 +17,8 @@ import time
 import torch
 from tqdm import tqdm
 
+import distributed
+
 
 class UsageError(Exception):
     """A user mistake (bad flag, file, row): reported as one line and exit code 2, never a traceback."""
@@ -24,22 +26,34 @@ class UsageError(Exception):
 
 def run_main(fn):
     """Call fn(); turn a UsageError into 'error: ...' on stderr and exit 2, and Ctrl-C into one line and exit
-    130 (what was being saved is removed by atomic_dir; the last complete output stays)."""
+    130 (what was being saved is removed by atomic_dir; the last complete output stays). Under torchrun every
+    rank meets the same mistake and exits so; rank 0 alone says it."""
     try:
-        return fn()
+        out = fn()
+        distributed.close()
+        return out
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the output folder holds the last complete save, if any", file=sys.stderr)
+        if distributed.is_main():
+            print("interrupted: the output folder holds the last complete save, if any", file=sys.stderr)
         sys.exit(130)
+
+
+def single_process(script):
+    """For the scripts that run as one process (evaluation, DPO, the comparisons): refuse torchrun."""
+    if distributed.world() > 1:
+        raise UsageError(f"{script} runs as one process; start it with python, not torchrun")
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors (an unknown flag, 'abc' for a number) are one line, like every other user error."""
 
     def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -86,14 +100,16 @@ def check_args(args):
 
 
 def pick_device(name):
+    """--device as a torch.device; under torchrun, this rank's (cuda:LOCAL_RANK), once the process group is joined."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.init(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    return distributed.init(device)
 
 
 def seed_everything(seed):
@@ -210,7 +226,12 @@ def restore_interrupted(out):
 def atomic_dir(out):
     """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed, so a
     crash or a bad input never leaves a half-written checkpoint. The old output is renamed to a fixed backup
-    path before the new one takes its name, and restore_interrupted undoes a crash between the two."""
+    path before the new one takes its name, and restore_interrupted undoes a crash between the two. Under
+    torchrun, rank 0 alone writes: the others get None, and every rank leaves once the output is in place."""
+    if not distributed.is_main():
+        yield None
+        distributed.barrier()
+        return
     restore_interrupted(out)
     tmp = make_tmp_dir(os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out)))
     try:
@@ -221,12 +242,13 @@ def atomic_dir(out):
         restore_interrupted(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
 
 
 def progress(items, desc, enabled=True, info=None):
     """Iterate items with a progress bar on a terminal; elsewhere (a log file, CI) print a line at every tenth
     of the way, so a long build is seen advancing. info() adds a short status (e.g. the loss)."""
-    if not enabled:
+    if not enabled or not distributed.is_main():
         yield from items
         return
     if sys.stderr.isatty():
@@ -244,14 +266,17 @@ def progress(items, desc, enabled=True, info=None):
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to <out>/metrics.jsonl."""
+    """Appends one JSON object per logged step to <out>/metrics.jsonl; a path of None (a rank other than 0)
+    writes nothing."""
 
     def __init__(self, path):
-        self.f = open(path, "w")
+        self.f = open(path, "w") if path else None
 
     def write(self, step, metrics):
-        self.f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.f.flush()
+        if self.f:
+            self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.f.flush()
 
     def close(self):
-        self.f.close()
+        if self.f:
+            self.f.close()

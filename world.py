@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 import data
+import distributed
 import runtime
 from runtime import arg, parse_args, run_main
 
@@ -359,9 +361,12 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
 
 
 def ensure_world(root=ROOT, progress=True):
-    """Build the world unless root/data holds a complete one."""
-    if not (os.path.exists(os.path.join(root, "data", MARKER)) and os.path.isdir(os.path.join(root, "sft"))):
+    """Build the world unless root/data holds a complete one; under torchrun rank 0 builds it while the
+    others wait."""
+    if distributed.is_main() and not (os.path.exists(os.path.join(root, "data", MARKER)) and
+                                      os.path.isdir(os.path.join(root, "sft"))):
         build_world(root, WorldConfig(), progress)
+    distributed.barrier()
 
 
 @dataclass
