@@ -73,6 +73,8 @@ class Args:
     prompt_len: int = arg(512, "with --analytic: prompt tokens, for the KV-cache row", ">= 1")
     micro_batch_size: int = arg(4, "with --analytic: responses per update micro-batch, for the logits and checkpointed-inputs row", ">= 1")
     lora_r: int = arg(8, "with --analytic: the LoRA rank of its LoRA rows", ">= 1")
+    gpus: str = arg("", "with --analytic: also the per-GPU model states on these numbers of GPUs (comma-separated, e.g. 8,16) under DDP and FSDP2")
+    nproc: int = arg(1, "processes per run: above 1, every online method runs under torchrun (DDP; add --extra --fsdp for FSDP2) and memory is the largest rank's", ">= 1")
 
 
 def bench_world(args):
@@ -100,10 +102,11 @@ def value_models(args, paths):
             "rm": reward.train_reward_model(os.path.join(args.root, "rm"), **common)}
 
 
-def run(script, flags, log_path):
-    """One training run in its own process; its output goes to log_path."""
+def run(script, flags, log_path, nproc=1):
+    """One training run in its own process (under torchrun with nproc processes); its output goes to log_path."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, os.path.join(REPO, script), *flags], stdout=log,
+        proc = subprocess.run([*launch, os.path.join(REPO, script), *flags], stdout=log,
                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise UsageError(f"{script} failed (exit {proc.returncode}); its log: {log_path}")
@@ -153,7 +156,9 @@ def summarize(method, runs, cuda):
     s0 = runs[0][2]
     frozen_bytes = 4 if s0["args"]["dtype"] == "fp32" else 2  # --dtype stores frozen models in 2 bytes
     trained_bytes = 10 if s0["args"].get("optim") == "adamw8bit" else 16  # fp32 weight and gradient; moments 8 or 2 B
-    mem["states_analytic"] = trained_bytes * s0["params/trained"] + frozen_bytes * s0["params/frozen"]  # §7
+    n, a = s0.get("processes", 1), s0["args"]  # per rank: FSDP2 holds 1/n of what it shards
+    mem["states_analytic"] = (trained_bytes * s0["params/trained"] / (n if a.get("fsdp") else 1) +
+                              frozen_bytes * s0["params/frozen"] / (n if a.get("shard_frozen") else 1))  # §7
     quality = [{"seed": s["args"]["seed"], "gold": s["eval/gold"], "gold_ci95": s["eval/gold_ci95"],
                 "kl": s["eval/kl"]} for _, _, s in runs]
     curve = [[(e["eval/kl"], e["eval/gold"]) for e in ev] for _, ev, _ in runs]
@@ -243,8 +248,9 @@ CARDS_GIB, HEADROOM = (24, 40, 80), 0.9  # a card "fits" when the estimate is un
 
 
 def model_sizes(name):
-    """(config, policy parameters, value-model parameters, [(in, out) of every linear layer LoRA adapts]), from
-    a config alone: the model is instantiated on the meta device, so nothing is allocated or downloaded."""
+    """(config, policy parameters, value-model parameters, [(in, out) of every linear layer LoRA adapts], parameters
+    of one decoder layer), from a config alone: the model is instantiated on the meta device, so nothing is
+    allocated or downloaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
@@ -259,7 +265,8 @@ def model_sizes(name):
         v -= model.get_output_embeddings().weight.numel()
     head = model.get_output_embeddings()
     linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    return config, n, v, linears
+    layer = next(m for m in model.modules() if type(m).__name__ in model._no_split_modules)
+    return config, n, v, linears, sum(p.numel() for p in layer.parameters())
 
 
 def states_bytes(method, n, v, adapters, head, trained, frozen):
@@ -285,7 +292,7 @@ def analytic_memory(args):
               (f"LoRA r={args.lora_r}, bf16 frozen, 8-bit AdamW", args.lora_r, 10, 2)]
     lines, out = [], {}
     for name in [x for x in args.analytic.split(",") if x]:
-        config, n, v, linears = model_sizes(name)
+        config, n, v, linears, layer = model_sizes(name)
         adapters = sum(args.lora_r * (i + o) for i, o in linears)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -309,6 +316,9 @@ def analytic_memory(args):
             out.setdefault(name, {})[setup] = {"dvpo": d, "ppo": p, "activations": act}
         lines.append("")
         out[name].update(params=n, value_model_params=v, adapters=adapters)
+        if args.gpus:
+            more, out[name]["gpus"] = multi_gpu_rows(args, config, n, v, layer, kv, tokens)
+            lines += more
     lines.append(f"Activations: the larger of the generation KV cache ({args.batch_size} prompts of {args.prompt_len} + "
                  f"{args.response_len} tokens) and one update micro-batch ({args.micro_batch_size} responses: logits of "
                  "the response positions with --logprob-chunk, plus each layer's input under --gradient-checkpointing), "
@@ -316,6 +326,35 @@ def analytic_memory(args):
     table = "\n".join(lines)
     print(table)
     return {**(out[name] if len(out) == 1 else {}), "models": out, "table": table}
+
+
+def multi_gpu_rows(args, config, n, v, layer, kv, tokens):
+    """Per-GPU memory of full fine-tuning with bf16 frozen models (AdamW: 16 bytes per trained parameter) on
+    each number of GPUs in --gpus, each GPU taking 1/N of --batch-size. DDP: every GPU holds every model whole.
+    FSDP2 (--fsdp): a GPU holds 1/N of each trained model's 16 bytes, the frozen models whole in 2 bytes, and
+    while a trained model runs its gathered fp32 parameters and gradients for the root group (embeddings, LM
+    head, final norm) and one decoder layer. --shard-frozen: the frozen models' 2 bytes split N ways too."""
+    gib = lambda x: x / 2 ** 30  # noqa: E731
+    root = n - config.num_hidden_layers * layer  # the policy's parameters outside its decoder layers
+    gathered = 8 * (root + layer)
+    head = ["DDP", "FSDP2", "FSDP2 + --shard-frozen"]
+    lines = ["Per GPU, full fine-tuning, bf16 frozen models, AdamW (GiB: model states + gathered + activations):", "",
+             "| GPUs | " + " | ".join(f"{h}: DVPO | PPO" for h in head) + " |", "| --- " * 7 + "|"]
+    rows = {}
+    for N in [int(x) for x in args.gpus.split(",") if x.strip()]:
+        act = max(2 * -(-args.batch_size // N) * tokens * kv,
+                  2 * args.micro_batch_size * ((args.response_len + 1) * config.vocab_size + config.num_hidden_layers * tokens * config.hidden_size))
+        cells = []
+        for shard_trained, shard_frozen in ((1, 1), (N, 1), (N, N)):
+            for trained in (n, n + v):  # DVPO trains the policy; PPO the policy and the critic
+                frozen = n + v  # DVPO: reference and GVM; PPO: reference and reward model
+                extra = gathered if shard_trained > 1 else 0
+                cells.append(gib(16 * trained / shard_trained + 2 * frozen / shard_frozen + extra + act))
+        rows[N] = dict(zip([f"{h} {m}" for h in ("ddp", "fsdp", "fsdp+frozen") for m in ("dvpo", "ppo")], cells))
+        lines.append(f"| {N} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    lines += ["", f"(decoder layer {layer:,} parameters, root group {root:,}; activations: the larger of the KV cache of "
+                  f"{args.batch_size} / N prompts and one update micro-batch)", ""]
+    return lines, rows
 
 
 def method_flags(args, method, paths, device, extra, n_pairs):
@@ -348,6 +387,11 @@ def compare(args: Args):
     except ValueError as e:
         raise UsageError(f"--extra {args.extra}: {e}") from None
     runtime.parse_args(loop.RLArgs, extra)  # an unknown or malformed flag stops here, not after the world is built
+    if args.nproc > 1 and "dpo" in methods:
+        raise UsageError(f"--nproc {args.nproc}: dpo_baseline.py runs as one process; leave dpo out of --methods")
+    for flag, n in (("--batch-size", args.batch_size), ("--minibatch-size", args.minibatch_size)):
+        if n % args.nproc:
+            raise UsageError(f"{flag} {n}: must split evenly over --nproc {args.nproc} processes")
     if "dpo" in methods:
         runtime.parse_args(dpo_baseline.Args, extra)
     path = args.json or os.path.join(args.root, "compare.json")
@@ -364,11 +408,11 @@ def compare(args: Args):
             out = os.path.join(args.root, f"{method}-s{seed}")
             print(f"compare: {method} seed {seed} -> {out}", flush=True)
             run(METHODS[method][0], [*method_flags(args, method, paths, device, extra, n_pairs), "--seed", seed,
-                                     "--out", out], out + ".log")
+                                     "--out", out], out + ".log", args.nproc)
             runs[method].append(read_run(out))
     cuda = device.type == "cuda"
     device_name = (f"CUDA ({__import__('torch').cuda.get_device_name(device)})" if cuda
-                   else f"CPU ({os.cpu_count()} cores)")
+                   else f"CPU ({os.cpu_count()} cores)") + (f", {args.nproc} processes per run" if args.nproc > 1 else "")
     res = {m: summarize(m, runs[m], cuda) for m in runs}
     table = report(res, vm, args, cuda, device_name, n_pairs)
     print("\n" + table)

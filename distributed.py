@@ -93,6 +93,17 @@ def gather_objects(obj):
 
 
 # ---------------------------------------------------------------------------------------------- shares
+def check_flags(fsdp, lora_r, optim, shard_frozen=False):
+    """None, or why these flags do not go together."""
+    if shard_frozen and not fsdp:
+        return "--shard-frozen shards with FSDP2: add --fsdp"
+    if fsdp and lora_r:
+        return "--fsdp with --lora-r: LoRA trains too few parameters to need sharding; use one or the other"
+    if fsdp and optim != "adamw":
+        return f"--fsdp with --optim {optim}: bitsandbytes' 8-bit AdamW does not take FSDP2's sharded parameters; use adamw"
+    return None
+
+
 def check_divides(n, flag, unit=1):
     """None if n splits into world() equal shares of whole `unit`s, else the message saying why not."""
     if n % (world() * unit):
@@ -129,11 +140,14 @@ def wrap(model, fsdp=False):
     """A model that trains, as every rank trains it: DDP (a replica per rank, gradients averaged), or with
     fsdp FSDP2 (fully_shard on each decoder layer, then on the root: parameters, gradients and AdamW state
     sharded over the ranks, gathered layer by layer in forward and backward). FSDP2 shards in place, so build
-    the optimizer after this. Frozen models are never wrapped. One process: the model itself."""
+    the optimizer after this. A frozen model is only ever sharded (--shard-frozen), and gives its gathered
+    parameters back after each forward. One process: the model itself."""
     if world() == 1:
         return model
     if not fsdp:
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[_device.index] if _device.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second copy (16 bytes a parameter, not 20)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[_device.index] if _device.type == "cuda" else None,
+                                                         gradient_as_bucket_view=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(_device.type, (world(),))  # explicit: a mesh on the default accelerator breaks gloo
@@ -142,6 +156,8 @@ def wrap(model, fsdp=False):
         if type(m).__name__ in layers:
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if not any(p.requires_grad for p in model.parameters()):  # frozen: no backward comes to reshard the root group
+        model.register_forward_hook(lambda module, args, output: module.reshard())
     return model
 
 

@@ -373,8 +373,9 @@ def train(args: Args, objective=None):
     problem = distributed.check_divides(args.batch_size, "--batch-size", unit)
     if problem:
         raise UsageError(problem)
-    if args.fsdp and args.lora_r:
-        raise UsageError("--fsdp with --lora-r: LoRA trains too few parameters to need sharding; use one or the other")
+    problem = distributed.check_flags(args.fsdp, args.lora_r, args.optim)
+    if problem:
+        raise UsageError(problem)
     if args.select != "last" and args.select not in SELECT:
         raise UsageError(f"--select {args.select}: must be last or one of {', '.join(SELECT)}")
     check_optimizer(args.optim)

@@ -57,6 +57,7 @@ class RLArgs:
     lora_targets: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or comma-separated names, e.g. q_proj,v_proj")
     optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     fsdp: bool = arg(False, "under torchrun: shard the trained models' parameters, gradients and AdamW state over the processes (FSDP2) instead of a full replica on each (DDP)")
+    shard_frozen: bool = arg(False, "with --fsdp: shard the frozen models too (reference, GVM or reward model), gathered layer by layer in each forward")
     ppo_epochs: int = arg(4, "PPO epochs over each batch", ">= 1")
     cliprange: float = arg(0.2, "PPO ratio clip epsilon", "> 0")
     lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)", "> 0")
@@ -87,8 +88,9 @@ def validate_rl(args):
     if args.micro_batch_size and share % args.micro_batch_size:
         raise UsageError(f"--micro-batch-size {args.micro_batch_size} does not divide --minibatch-size {args.minibatch_size}"
                          + (f" over {distributed.world()} processes ({share} each)" if distributed.world() > 1 else ""))
-    if args.fsdp and args.lora_r:
-        raise UsageError("--fsdp with --lora-r: LoRA trains too few parameters to need sharding; use one or the other")
+    problem = distributed.check_flags(args.fsdp, args.lora_r, args.optim, args.shard_frozen)
+    if problem:
+        raise UsageError(problem)
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
     rollout.check_optimizer(args.optim)
@@ -284,6 +286,10 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
     as distributed.wrap makes it (DDP or FSDP2), and every logged number is the global batch's."""
     G, kl_in_loss = getattr(algo, "samples_per_prompt", 1), getattr(algo, "kl_in_loss", False)
     trained = distributed.wrap(policy, args.fsdp)  # before the optimizer: FSDP2 replaces the parameters
+    if args.shard_frozen:
+        for m in {id(m): m for m in (ref, *algo.models)}.values():
+            if not any(p.requires_grad for p in m.parameters()) and not distributed.is_sharded(m):
+                distributed.wrap(m, fsdp=True)
     opt = rollout.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
     params = {id(p): p for m in (policy, ref, *algo.models) for p in m.parameters()}  # a shared base counted once
     frozen = {i for i, p in params.items() if not p.requires_grad}
@@ -317,7 +323,7 @@ def rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec):
         summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0,
                    "params/trained": sum(p.numel() for p in params.values() if p.requires_grad),
                    "params/frozen": sum(p.numel() for p in params.values() if not p.requires_grad),
-                   "device": str(device), "args": asdict(args)}
+                   "device": str(device), "processes": distributed.world(), "args": asdict(args)}
         state = None if not with_state else {
             "algo": algo.name, "step": step, "optimizer": distributed.optimizer_state(trained, opt),
             "scaler": prec.scaler.state_dict(), "kl_coef": kl_ctl.beta, "sampler": sampler.state_dict(),

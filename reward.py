@@ -74,7 +74,7 @@ def reward_model_path(args):
                        micro_batch_size=args.micro_batch_size, dtype=args.dtype,
                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                       optim=args.optim, seed=args.seed)
+                       optim=args.optim, fsdp=args.fsdp, seed=args.seed)
     return args.rm_out
 
 

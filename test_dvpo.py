@@ -1305,8 +1305,20 @@ def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys)
     assert res["params"] == n and res["value_model_params"] == n + model.config.hidden_size + 1  # tied LM head
     out = capsys.readouterr().out
     assert "| 0.60 |" in out and "| 0.56 |" in out  # 24/40 and 20/36 bytes per parameter
+    layer, layers = sum(p.numel() for p in model.model.layers[0].parameters()), len(model.model.layers)
     adapters = lora.add_lora(model, 8, 16.0, 0.0)
     assert res["adapters"] == sum(p.numel() for p in adapters.parameters() if p.requires_grad)  # LoRA r=8 rows
+    gpus = compare.analytic_memory(compare.Args(analytic=str(families / "qwen2"), batch_size=2, gpus="1,4"))["gpus"]
+    one = res["full, bf16 frozen"]
+    for m, trained in (("dvpo", n), ("ppo", 2 * n + model.config.hidden_size + 1)):
+        assert gpus[1][f"ddp {m}"] * 2 ** 30 == pytest.approx(one[m] + one["activations"])  # one GPU: one GPU's table
+        assert gpus[1][f"fsdp {m}"] == gpus[1][f"fsdp+frozen {m}"] == gpus[1][f"ddp {m}"]  # one process shards nothing
+        # 4 GPUs: FSDP2 leaves 1/4 of the trained 16 bytes per parameter; --shard-frozen 1/4 of the frozen 2
+        frozen = 2 * (2 * n + model.config.hidden_size + 1)
+        gathered = 8 * (n - layers * layer + layer)  # fp32 weights and gradients of the root group and one layer
+        assert (gpus[1][f"fsdp {m}"] - gpus[4][f"fsdp {m}"]) * 2 ** 30 == pytest.approx(
+            16 * trained * 3 / 4 - gathered + one["activations"] - (gpus[4][f"ddp {m}"] * 2 ** 30 - one[m]), rel=1e-6)
+        assert (gpus[4][f"fsdp {m}"] - gpus[4][f"fsdp+frozen {m}"]) * 2 ** 30 == pytest.approx(frozen * 3 / 4, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- real checkpoints
@@ -2124,13 +2136,13 @@ def test_gvm_training_on_two_processes_is_the_one_process_training(tiny_world, t
 
 
 def test_torchrun_dvpo_saves_once_resumes_and_fsdp_trains_as_ddp(tiny_world, tiny_gvm, tmp_path, capsys):
-    """`torchrun --nproc-per-node 2 dvpo.py` under DDP and under --fsdp: 2 steps with a checkpoint each, then
+    """`torchrun --nproc-per-node 2 dvpo.py` under DDP and under --fsdp --shard-frozen: 2 steps with a checkpoint each, then
     --resume to 3. Rank 0 alone prints and writes, the output loads with from_pretrained and holds the keys a
     one-process save holds, and the two engines end at the same weights (same data, same update)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     for mode in ("ddp", "fsdp"):
-        out, flags = tmp_path / mode, ["--fsdp"] if mode == "fsdp" else []
+        out, flags = tmp_path / mode, ["--fsdp", "--shard-frozen"] if mode == "fsdp" else []
         for more in (["--steps", "2"], ["--steps", "3", "--resume"]):
             proc = torchrun(os.path.join(REPO, "dvpo.py"), *tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--save-every", "1",
                                                                           *flags, *more))
@@ -2140,6 +2152,9 @@ def test_torchrun_dvpo_saves_once_resumes_and_fsdp_trains_as_ddp(tiny_world, tin
         assert [r["step"] for r in records if "objective/kl" in r] == [1, 2, 3]
         assert [r["step"] for r in records if "eval/kl" in r] == [0, 2, 3]
         assert torch.load(out / loop.STATE_FILE, weights_only=False)["world_size"] == 2
+        summary = json.loads((out / "summary.json").read_text())  # model states per rank: 16 and 4 bytes a parameter,
+        whole = 16 * summary["params/trained"] + 4 * summary["params/frozen"]  # all of them under FSDP2 split 2 ways
+        assert [r for r in records if "objective/kl" in r][-1]["memory/update_state_bytes"] == pytest.approx(whole / (2 if mode == "fsdp" else 1), rel=1e-3)
         AutoModelForCausalLM.from_pretrained(str(out))
         assert load_file(out / "model.safetensors").keys() == load_file(tiny_world / "sft" / "model.safetensors").keys()
     assert max_difference(load_file(tmp_path / "ddp" / "model.safetensors"),
@@ -2161,6 +2176,15 @@ def test_a_bad_flag_under_torchrun_is_one_line_and_every_rank_exits_2(tiny_world
     assert [p.returncode for p in ranks] == [2, 2]
     assert err0 == "error: --batch-size 7: must split evenly over the 2 processes (a multiple of 2)\n" and err1 == ""
     assert out0 == out1 == "" and os.listdir(tmp_path) == []
+
+
+def test_sharding_flags_that_do_not_go_together_are_one_line(tiny_world, tiny_gvm, tmp_path, capsys):
+    for flags, says in ((["--shard-frozen"], "add --fsdp"), (["--fsdp", "--lora-r", "4"], "use one or the other"),
+                        (["--fsdp", "--optim", "adamw8bit"], "8-bit AdamW does not take FSDP2")):
+        assert says in one_line_error(capsys, lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "o", *flags)))
+    assert "8-bit AdamW" in one_line_error(capsys, lambda: gvm.main(["--model", str(tiny_world / "sft"), "--fsdp", "--optim",
+                                                                      "adamw8bit", "--out", str(tmp_path / "g")]))
+    assert os.listdir(tmp_path) == []
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["distributed-worker"]:
