@@ -25,16 +25,10 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x, mask):
-    """Unbiased variance over valid entries; 0 (not NaN) when fewer than two entries are valid (§5.5)."""
-    n = mask.sum()
-    centred = (x - masked_mean(x, mask)) * mask
-    return (centred ** 2).sum() / (n - 1).clamp(min=1)
-
-
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over valid entries, 0 elsewhere; finite for masks holding 0 or 1 entry. Under torchrun
-    the mean and the unbiased variance are the global batch's: sums and counts all-reduced over ranks."""
+    """(x - mean) / std over valid entries, 0 elsewhere, with the unbiased variance (0, not NaN, for fewer than
+    two valid entries: §5.5), so finite for masks holding 0 or 1 entry. Under torchrun the mean and variance are
+    the global batch's: sums and counts all-reduced over ranks."""
     n = distributed.all_reduce(mask.sum())
     mean = distributed.all_reduce((x * mask).sum()) / n.clamp(min=1)
     var = distributed.all_reduce((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)

@@ -217,9 +217,12 @@ def restore_interrupted(out):
     old = backup_path(out)
     if os.path.isdir(old):
         if os.path.exists(out):
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(old, out)
+            try:
+                os.rename(old, out)
+            except FileNotFoundError:  # another process of the same torchrun run put it back first
+                pass
 
 
 @contextlib.contextmanager
