@@ -76,11 +76,17 @@ def mean_over_ranks(stats, maxima=()):
     when every rank holds an equal share."""
     if world() == 1 or not stats:
         return stats
-    keys = list(stats)  # the same order on every rank: the same code built the dict
-    x = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=_device)
-    is_max = torch.tensor([k in maxima for k in keys], device=_device)
-    total, top = all_reduce(x), all_reduce(torch.where(is_max, x, float("-inf")), "max")
-    return {k: float(top[i] if is_max[i] else total[i] / world()) for i, k in enumerate(keys)}
+    sums = all_reduce(torch.tensor([float(v) for v in stats.values()], dtype=torch.float64, device=_device)).tolist()
+    tops = [k for k in stats if k in maxima]  # the same order on every rank: the same code built the dict
+    tops = dict(zip(tops, max_over_ranks([float(stats[k]) for k in tops])))
+    return {k: tops[k] if k in tops else total / world() for k, total in zip(stats, sums)}
+
+
+def max_over_ranks(values):
+    """A list of floats, each the largest over ranks."""
+    if world() == 1 or not values:
+        return values
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=_device), "max").tolist()
 
 
 def gather_objects(obj):
@@ -161,11 +167,6 @@ def wrap(model, fsdp=False):
     return model
 
 
-def inner(model):
-    """The model a DDP wrapper trains (generation and saving use it); any other model itself."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def is_sharded(model):
     from torch.distributed.fsdp import FSDPModule
     return any(isinstance(m, FSDPModule) for m in model.modules())
@@ -222,10 +223,3 @@ def load_trained_state(model, state):
         return model.load_state_dict(state, strict=False)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     return set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-def max_over_ranks(values):
-    """A list of floats, each the largest over ranks."""
-    if world() == 1 or not values:
-        return values
-    return all_reduce(torch.tensor(values, dtype=torch.float64, device=_device), "max").tolist()
