@@ -13,6 +13,7 @@ methods adapt their beta towards one KL target, so that quality compares at comp
 Memory on CUDA is torch.cuda.max_memory_allocated per phase; on CPU it is the tally of parameter, gradient and
 optimizer-state bytes plus the peak bytes of activations saved for backward, with process RSS beside it.
 """
+import importlib
 import json
 import os
 import shlex
@@ -22,13 +23,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import dpo_baseline
 import gvm
-import loop
 import reward
-import runtime
-import world
-from runtime import UsageError, arg
+from infra import checkpoint, cli, world
+from infra.cli import UsageError, arg
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("generate", "score", "update")
@@ -374,8 +372,8 @@ def method_flags(args, method, paths, device, extra, n_pairs):
 def compare(args: Args):
     if args.analytic:
         return analytic_memory(args)
-    runtime.single_process("compare.py")
-    runtime.check_args(args)
+    cli.single_process("compare.py")
+    cli.check_args(args)
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):
         raise UsageError(f"--seeds {args.seeds}: name seeds as comma-separated whole numbers, e.g. 0,1,2")
@@ -386,18 +384,17 @@ def compare(args: Args):
         extra = shlex.split(args.extra)
     except ValueError as e:
         raise UsageError(f"--extra {args.extra}: {e}") from None
-    runtime.parse_args(loop.RLArgs, extra)  # an unknown or malformed flag stops here, not after the world is built
+    for m in methods:  # an unknown or malformed flag stops here, not after the world is built
+        cli.parse_args(importlib.import_module(METHODS[m][0][:-3]).Args, extra)
     if args.nproc > 1 and "dpo" in methods:
         raise UsageError(f"--nproc {args.nproc}: dpo_baseline.py runs as one process; leave dpo out of --methods")
     for flag, n in (("--batch-size", args.batch_size), ("--minibatch-size", args.minibatch_size)):
         if n % args.nproc:
             raise UsageError(f"{flag} {n}: must split evenly over --nproc {args.nproc} processes")
-    if "dpo" in methods:
-        runtime.parse_args(dpo_baseline.Args, extra)
     path = args.json or os.path.join(args.root, "compare.json")
-    runtime.check_writable(args.root, "--root")
-    runtime.check_output_file(path, "--json")
-    device = runtime.pick_device(args.device)
+    checkpoint.check_writable(args.root, "--root")
+    checkpoint.check_output_file(path, "--json")
+    device = cli.pick_device(args.device)
     t0 = time.time()
     paths = bench_world(args)
     vm = value_models(args, paths)
@@ -418,15 +415,15 @@ def compare(args: Args):
     print("\n" + table)
     results = {**res, "value_models": {k: {kk: v for kk, v in s.items() if kk != "args"} for k, s in vm.items()},
                "device": device_name, "wall_seconds": time.time() - t0, "args": asdict(args), "table": table}
-    runtime.write_json(path, results)
+    checkpoint.write_json(path, results)
     png = plot(res, os.path.splitext(path)[0] + ".png")
     print(f"\nwrote {path}" + (f" and {png}" if png else " (pip install matplotlib for the gold-vs-KL plot)"))
     return results
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, argv, __doc__)
-    runtime.run_main(lambda: compare(args))
+    args = cli.parse_args(Args, argv, __doc__)
+    cli.run_main(lambda: compare(args))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ reward model, with no sampling, no reward model and no critic. For each pair the
 log-probs summed over each response's tokens (EOS included, the prompt masked), encoded as every stage encodes
 them (gvm.pair_samples) and scored by the trainers' own rollout.response_logprobs. In memory: the policy
 (trained) and the reference (frozen, or the policy with its LoRA adapters off). Held-out evaluation, logs,
-checkpoints, --resume and every knob are the RL scripts'.
+checkpoints, --resume and every knob are the RL scripts'; the loop is its own (offline, epochs over pairs).
 
     python dpo_baseline.py                     # the world's pairs, 3 epochs, into ckpt/dpo
     python dpo_baseline.py --beta 0.3 --epochs 1
@@ -17,52 +17,26 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-import data
 import gvm
-import loop
 import rollout
-import runtime
-import world
-from runtime import UsageError, arg
+from infra import checkpoint, cli, data, heldout, memory, models, precision, report, world
+from infra.cli import arg
+from infra.flags import PolicyFlags, check_policy_flags
 
 
 @dataclass
-class Args:
-    policy: str = arg(world.SFT_DIR, "initial policy and, unless --ref, the reference: a local folder or hub name of a causal LM")
-    ref: str = arg("", "reference policy; empty: the initial policy")
-    data: str = arg(world.PAIRS_TRAIN, "preference pairs in any shape data.py reads (the GVM's and the reward model's default)")
+class Args(PolicyFlags):
+    data: str = arg(world.PAIRS_TRAIN, "preference pairs in any shape infra/data.py reads (the GVM's and the reward model's default)")
     eval_data: str = arg("", "held-out pairs for the implicit reward's accuracy; empty: the world's held-out pairs for the default --data, else none")
-    eval_prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts for the periodic gold evaluation (sampled, as the RL scripts do); empty: none")
-    split: str = arg("train", "split to read when a path is a hub dataset or a DatasetDict folder")
-    eval_split: str = arg("", "split of --eval-data and --eval-prompts; empty: --split")
-    max_prompt_len: int = arg(256, "pairs (and prompts) whose prompt is longer than this many tokens are dropped, with a count", ">= 0")
     max_len: int = arg(512, "pairs with a prompt + response longer than this (or than the model's positions) are dropped, with a count", ">= 2")
-    strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
-    out: str = arg("ckpt/dpo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
     beta: float = arg(0.1, "DPO's beta: the strength of the implicit KL constraint", "> 0")
     epochs: int = arg(3, "passes over the pairs", ">= 1")
     batch_size: int = arg(32, "pairs per optimizer step", ">= 1")
-    micro_batch_size: int = arg(0, "pairs per forward/backward; gradients accumulate over --batch-size (0: the whole batch)", ">= 0")
-    forward_batch_size: int = arg(0, "responses per generate call and no-grad forward during evaluation (0: all)", ">= 0")
-    logprob_chunk: int = arg(0, "token positions per fp32 log-softmax chunk (0: off)", ">= 0")
-    dtype: str = arg("fp32", "fp32 | bf16 | fp16: the reference stored in it; the policy keeps fp32 weights under autocast")
-    gradient_checkpointing: bool = arg(False, "recompute the policy's activations in backward instead of storing them")
-    lora_r: int = arg(0, "LoRA rank of the policy's adapters (0: full fine-tuning); the reference is then the policy with its adapters off", ">= 0")
-    lora_alpha: float = arg(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r", "> 0")
-    lora_dropout: float = arg(0.0, "dropout on the adapters' input", "[0, 1)")
-    lora_targets: str = arg("all-linear", "modules that get adapters: all-linear or comma-separated names")
-    optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
     lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)", "> 0")
     max_grad_norm: float = arg(1.0, "gradient-norm clip", "> 0")
     temperature: float = arg(1.0, "sampling temperature of the held-out evaluation", "> 0")
     max_new_tokens: int = arg(48, "sampling budget per response in the held-out evaluation", ">= 1")
-    eval_every: int = arg(25, "steps between held-out evaluations (and one at the start and the end)", ">= 1")
-    eval_n: int = arg(200, "held-out prompts per evaluation", ">= 1")
-    gold: str = arg("auto", "vader | none | auto: score held-out samples with the world's gold judge; auto: when --data lies in a world's data folder")
-    save_every: int = arg(0, "steps between resumable checkpoints written atomically to --out (0: only the final policy)", ">= 0")
-    resume: bool = arg(False, "continue the run checkpointed in --out (same flags; raise --epochs to train longer)")
-    seed: int = arg(0, "seed for python, numpy and torch, and the order of the pairs", "[0, 4294967295]")
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    out: str = arg("ckpt/dpo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -118,43 +92,34 @@ def implicit_accuracy(policy, ref, tok, samples, args, prec):
 
 # ---------------------------------------------------------------------------------------------- main
 def train(args: Args):
-    runtime.single_process("dpo_baseline.py")
-    runtime.check_args(args)
-    if args.gold not in ("auto", "vader", "none"):
-        raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
-    rollout.check_optimizer(args.optim)
-    runtime.check_output_dir(args.out)
-    if args.resume:
-        loop.check_resume(args)
-    device = runtime.pick_device(args.device)
-    prec = rollout.Precision(args.dtype, device)
-    runtime.seed_everything(args.seed)
+    cli.single_process("dpo_baseline.py")
+    check_policy_flags(args)
+    device = cli.pick_device(args.device)
+    prec = precision.Precision(args.dtype, device)
+    cli.seed_everything(args.seed)
     if world.SFT_DIR in (args.policy, args.ref) or args.data == world.PAIRS_TRAIN or args.eval_prompts == world.PROMPTS_EVAL:
         world.ensure_world()
     train_rows = data.load_pairs(args.data, args.split, "--data", args.strict)
     eval_data = args.eval_data or (world.PAIRS_EVAL if args.data == world.PAIRS_TRAIN else "")
     eval_rows = data.load_pairs(eval_data, args.eval_split or args.split, "--eval-data", args.strict) if eval_data else []
-    tok, positions = data.load_tokenizer(args.policy), data.position_limit(args.policy)
+    tok, positions = models.load_tokenizer(args.policy), models.position_limit(args.policy)
     samples = gvm.pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len, args.strict, positions)
     held = gvm.pair_samples(eval_rows, tok, args.max_len, f"--eval-data {eval_data}", args.max_prompt_len, args.strict,
                             positions) if eval_rows else []
     eval_prompts = data.load_prompts(args.eval_prompts, args.eval_split or args.split, "--eval-prompts", tok,
                                      args.max_prompt_len, args.strict, (positions, args.max_new_tokens))[:args.eval_n] \
         if args.eval_prompts else []
-    policy, ref = loop.load_rl_models(args, tok, device, prec)
-    opt = rollout.make_optimizer(policy.parameters(), args.lr, args.optim)
-    probe = rollout.Probe(device, models=(policy, ref), optimizers=(opt,))
+    policy, ref = models.load_policy_and_reference(args, tok, device, prec)
+    opt = precision.make_optimizer(policy.parameters(), args.lr, args.optim)
+    probe = memory.Probe(device, models=(policy, ref), optimizers=(opt,))
     use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.data)
     steps_per_epoch = math.ceil(len(samples) / 2 / args.batch_size)
     total = steps_per_epoch * args.epochs
     records, ev, start, elapsed = [], {}, 0, 0.0
     if args.resume:
-        st = loop.load_state(args, "dpo")
-        if st["step"] >= total:
-            raise UsageError(f"--resume: {args.out} has done {st['step']} steps already; raise --epochs")
+        st = checkpoint.resume_state(args, "dpo", total, "--epochs")
         opt.load_state_dict(st["optimizer"])
         prec.scaler.load_state_dict(st["scaler"])
-        runtime.set_rng_states(st["rng"])
         records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
     print(f"dpo: beta={args.beta}, {len(samples) // 2} pairs, {args.epochs} epochs = {total} steps of {args.batch_size} "
           f"pairs on {device} ({args.dtype})" + (f", resumed at step {start}" if start else ""), flush=True)
@@ -164,23 +129,20 @@ def train(args: Args):
         nonlocal ev
         if eval_prompts:
             with prec.autocast():
-                ev = loop.held_out_eval(policy, ref, tok, eval_prompts, args, args.seed + 10_000, use_gold)
+                ev = heldout.evaluate(policy, ref, tok, eval_prompts, args, use_gold)
         if held:
             ev["eval/rewards_accuracy"] = implicit_accuracy(policy, ref, tok, held, args, prec)
         if ev:
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
-            print(f"eval step {step} | " + " | ".join(([loop.eval_text(ev)] if "eval/kl" in ev else []) +
+            print(f"eval step {step} | " + " | ".join(([report.eval_text(ev)] if "eval/kl" in ev else []) +
                                                        ([f"pair accuracy {ev['eval/rewards_accuracy']:.3f}"] if held else [])), flush=True)
 
-    def checkpoint(step, with_state):
-        params = {id(p): p for m in (policy, ref) for p in m.parameters()}
-        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0, "device": str(device), "args": asdict(args),
-                   "params/trained": sum(p.numel() for p in params.values() if p.requires_grad),
-                   "params/frozen": sum(p.numel() for p in params.values() if not p.requires_grad)}
-        state = None if not with_state else {"algo": "dpo", "step": step, "optimizer": opt.state_dict(),
-                                             "scaler": prec.scaler.state_dict(), "rng": runtime.rng_states(),
-                                             "records": records, "eval": ev, "elapsed": time.time() - t0}
-        loop.save_run(args, summary, policy, tok, records, state)
+    def save(step, with_state):
+        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0, "device": str(device),
+                   "args": asdict(args), **memory.parameter_counts(policy, ref)}
+        state = checkpoint.trainer_state("dpo", step, records, ev, time.time() - t0, optimizer=opt.state_dict(),
+                                         scaler=prec.scaler.state_dict()) if with_state else None
+        checkpoint.save_run(args.out, summary, policy, tok, records, state)
         return summary
 
     if start == 0:
@@ -200,17 +162,17 @@ def train(args: Args):
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             evaluate(step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            checkpoint(step + 1, with_state=True)
-    summary = checkpoint(total, with_state=args.save_every > 0)
-    gold = loop.gold_text(ev, "eval/gold", "eval/gold_ci95")
+            save(step + 1, with_state=True)
+    summary = save(total, with_state=args.save_every > 0)
+    gold = report.gold_text(ev, "eval/gold", "eval/gold_ci95")
     print(f"saved {args.out}" + (f": held-out gold {gold}" if gold else "") + (f", KL {ev['eval/kl']:.2f}" if "eval/kl" in ev else "")
           + f", {summary['time/wall_seconds']:.0f}s", flush=True)
     return summary
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, argv, __doc__)
-    runtime.run_main(lambda: train(args))
+    args = cli.parse_args(Args, argv, __doc__)
+    cli.run_main(lambda: train(args))
 
 
 if __name__ == "__main__":

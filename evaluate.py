@@ -8,30 +8,25 @@ gets KL 0 and win rate 0.5 exactly.
     python evaluate.py ckpt/sft ckpt/dvpo
     python evaluate.py ckpt/sft ckpt/dvpo --gvm ckpt/gvm --json ckpt/eval.json
 """
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-import data
 import gvm
-import rollout
-import runtime
-import world
-from runtime import UsageError, arg
+from infra import checkpoint, cli, data, models, world
+from infra.cli import UsageError, arg
+from infra.flags import DataFlags, RunFlags
+from infra.heldout import mean_ci, score_policy
 
 
 @dataclass
-class Args:
+class Args(DataFlags, RunFlags):
     policies: list = field(default_factory=list, metadata={
         "nargs": "*", "help": "policy folders or hub names; the first is the baseline"})
     ref: str = arg("", "reference policy for the KL; empty: the first policy")
-    prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts, any shape data.py reads; the default is the world's")
-    split: str = arg("train", "split to read when --prompts or --pairs is a hub dataset or a DatasetDict folder")
-    max_prompt_len: int = arg(256, "prompts longer than this many tokens (after the chat template) are dropped, with a count", ">= 0")
-    strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
+    prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts, any shape infra/data.py reads; the default is the world's")
     n_prompts: int = arg(0, "use only the first N prompts (0: all)", ">= 0")
     samples_per_prompt: int = arg(1, "responses sampled per prompt", ">= 1")
     batch_size: int = arg(250, "prompts per generate() call", ">= 1")
@@ -41,38 +36,6 @@ class Args:
     pairs: str = arg("", "held-out preference pairs for --gvm's accuracy; empty: the held-out pairs of the world the GVM was trained on, if it was")
     show_values: int = arg(3, "with --gvm: responses of the last policy printed token by token with V(s_t)", ">= 0")
     json: str = arg("", "also write the results to this JSON file")
-    seed: int = arg(0, "sampling seed, the same for every policy", "[0, 4294967295]")
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-
-
-@torch.no_grad()
-def score_policy(policy, ref, tok, prompts, batch_size, max_new_tokens, temperature=1.0, value_model=None):
-    """Sample one response per (prompt, ids) and score it: gold (VADER), sequence KL to ref (sum of k1 over
-    the response, at the sampling temperature), length, EOS, and the value model's V(s_T) when given."""
-    out = {"gold": [], "kl": [], "length": [], "ended": [], "texts": [], "value": []}
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        r = rollout.generate(policy, tok, [p for p, _ in batch], max_new_tokens, temperature, ids=[x for _, x in batch])
-        logp = rollout.response_logprobs(policy, r, temperature)
-        ref_logp = rollout.response_logprobs(ref, r, temperature)
-        out["kl"] += rollout.kl_k1(logp, ref_logp).sum(1).tolist()
-        out["gold"] += world.gold_scores(r.texts)
-        out["length"] += r.response_mask.sum(1).tolist()
-        out["ended"] += r.ended.float().tolist()
-        out["texts"] += r.texts
-        if value_model is not None:
-            v = rollout.response_state_values(value_model, r)
-            T = r.response_mask.sum(1).long()
-            out["value"] += v.gather(1, T[:, None]).squeeze(1).tolist()
-    return out
-
-
-def mean_ci(xs):
-    """Mean and the half-width of its normal 95% confidence interval."""
-    n = len(xs)
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, n - 1))
-    return m, 1.96 * sd / math.sqrt(n)
 
 
 def distinct_n(texts, n=2):
@@ -131,18 +94,18 @@ def gvm_pairs(args, meta):
 
 
 def run(args: Args):
-    runtime.single_process("evaluate.py")
-    runtime.check_args(args)
+    cli.single_process("evaluate.py")
+    cli.check_args(args)
     if not args.policies:
         raise UsageError("name at least one policy, e.g. python evaluate.py ckpt/sft ckpt/dvpo")
     if args.json:
-        runtime.check_output_file(args.json, "--json")
-    device = runtime.pick_device(args.device)
+        checkpoint.check_output_file(args.json, "--json")
+    device = cli.pick_device(args.device)
     if args.prompts == world.PROMPTS_EVAL:
         world.ensure_world()
     first = args.ref or args.policies[0]
-    ref_tok = data.load_tokenizer(first, "--ref" if args.ref else "policy")
-    positions = data.position_limit(first, "--ref" if args.ref else "policy")
+    ref_tok = models.load_tokenizer(first, "--ref" if args.ref else "policy")
+    positions = models.position_limit(first, "--ref" if args.ref else "policy")
     if positions and args.max_new_tokens >= positions:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: {first} has only {positions} positions")
     prompts = data.load_prompts(args.prompts, args.split, "--prompts", ref_tok, args.max_prompt_len, args.strict,
@@ -154,18 +117,18 @@ def run(args: Args):
         gvm.check_tokenizer(meta, ref_tok, f"--gvm {args.gvm}", first, "python gvm.py --model")
         pairs_path = gvm_pairs(args, meta)
         if pairs_path:
-            pairs = data.load_pairs(pairs_path, args.split, "--pairs", args.strict)
+            pairs = data.load_pairs(pairs_path, args.eval_split or args.split, "--pairs", args.strict)
             samples = gvm.pair_samples(pairs, ref_tok, 10 ** 9, f"--pairs {pairs_path}", args.max_prompt_len,
-                                       args.strict, data.position_limit(args.gvm, "--gvm"))
+                                       args.strict, models.position_limit(args.gvm, "--gvm"))
         value_model = gvm.load_value_model(args.gvm, device)[0].eval()
-    ref = data.load_model(first, ref_tok, "--ref" if args.ref else "policy").to(device).eval()
+    ref = models.load_model(first, ref_tok, "--ref" if args.ref else "policy").to(device).eval()
     results, scored = [], {}
     for name in args.policies:
-        tok = data.load_tokenizer(name, "policy")
-        if data.tokenizer_fingerprint(tok) != data.tokenizer_fingerprint(ref_tok):
+        tok = models.load_tokenizer(name, "policy")
+        if models.tokenizer_fingerprint(tok) != models.tokenizer_fingerprint(ref_tok):
             raise UsageError(f"policy {name}: its tokenizer differs from the reference's; KL needs shared token ids")
-        policy = data.load_model(name, tok, "policy").to(device).eval()
-        runtime.seed_everything(args.seed)
+        policy = models.load_model(name, tok, "policy").to(device).eval()
+        cli.seed_everything(args.seed)
         scored[name] = score_policy(policy, ref, tok, prompts, args.batch_size, args.max_new_tokens,
                                     args.temperature, value_model)
         results.append(summarize(name, scored[name], scored[args.policies[0]],
@@ -188,13 +151,13 @@ def run(args: Args):
         last = scored[args.policies[-1]]
         print_token_values(value_model, ref_tok, [p for p, _ in prompts], last["texts"], args.show_values)
     if args.json:
-        runtime.write_json(args.json, report)
+        checkpoint.write_json(args.json, report)
     return report
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, argv, __doc__)
-    runtime.run_main(lambda: run(args))
+    args = cli.parse_args(Args, argv, __doc__)
+    cli.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

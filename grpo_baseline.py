@@ -1,32 +1,65 @@
-"""GRPO (Shao et al. 2024, "DeepSeekMath", outcome supervision) on the shared loop: a group of G responses per
-prompt, each scored by the Bradley–Terry reward model of stage A (reward.py); the advantage of every token of a
-response is its reward normalised within its group, (r - mean) / (std + eps); the clipped surrogate averages
-each response's tokens, then the responses; the KL to the reference is GRPO's, beta * k3(pi || pi_ref) in the
-loss, not a per-token reward. No critic: in memory the policy (trained), reference and reward model (frozen).
---dr-grpo gives Dr. GRPO's correction (Liu et al. 2025): no division by the group's std, and token sums over
-a fixed length (--max-new-tokens) instead of each response's mean.
+"""GRPO (Shao et al. 2024, "DeepSeekMath", outcome supervision): a group of G responses per prompt, each scored
+by the Bradley–Terry reward model of stage A (reward.py); the advantage of every token of a response is its
+reward normalised within its group, (r - mean) / (std + eps); the clipped surrogate averages each response's
+tokens, then the responses; the KL to the reference is GRPO's, beta * k3(pi || pi_ref) in the loss, not a
+per-token reward. No critic: in memory the policy (trained), reference and reward model (frozen). --dr-grpo
+gives Dr. GRPO (Liu et al. 2025): no division by the group's std, and token sums over a fixed length
+(--max-new-tokens) instead of each response's mean. The skeleton is dvpo.py's: diff the two files.
 
     python grpo_baseline.py --rm ckpt/rm              # reuse stage A's reward model
     python grpo_baseline.py --group-size 8 --dr-grpo
 """
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 import reward
-import runtime
-from runtime import arg
-
+import rollout
+from infra import checkpoint, cli, data, distributed, heldout, memory, models, precision, report, world
+from infra.cli import arg
+from infra.flags import RLFlags, check_rl_flags
 
 @dataclass
-class Args(reward.RewardArgs):
+class Args(reward.RewardFlags, RLFlags):
     group_size: int = arg(4, "G responses sampled per prompt; --batch-size and --minibatch-size count prompts, so a step generates G times as many responses", ">= 2")
-    kl_coef: float = arg(0.04, "beta of GRPO's KL term beta * k3(pi || pi_ref) in the loss (DeepSeekMath: 0.04); initial value if adaptive", ">= 0")
     dr_grpo: bool = arg(False, "Dr. GRPO: advantages r - group mean without the std division, token sums over --max-new-tokens")
+    kl_coef: float = arg(0.04, "beta of GRPO's KL term beta * k3(pi || pi_ref) in the loss (DeepSeekMath: 0.04); initial value if adaptive", ">= 0")
+    adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
+    target_kl: float = arg(6.0, "adaptive KL target, nats per sequence", "> 0")
+    kl_horizon: int = arg(10000, "adaptive KL horizon, in samples", ">= 1")
+    steps: int = arg(100, "RL steps (one batch of prompts each)", ">= 1")
+    batch_size: int = arg(64, "prompts per step, one response each", ">= 1")
+    minibatch_size: int = arg(16, "prompts per PPO minibatch (one optimizer step), their groups whole; must divide --batch-size", ">= 1")
+    ppo_epochs: int = arg(4, "PPO epochs over each batch", ">= 1")
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon", "> 0")
+    lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)", "> 0")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip", "> 0")
+    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)", "> 0")
+    max_new_tokens: int = arg(48, "sampling budget per response", ">= 1")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)", ">= 0")
     out: str = arg("ckpt/grpo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
 
 
-# ---------------------------------------------------------------------------------------------- advantages
+# ---------------------------------------------------------------------------------------------- the algorithm
+class AdaptiveKL:
+    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        err = max(-0.2, min(0.2, kl / self.target - 1))
+        self.beta *= 1 + err * n / self.horizon
+
+
+def kl_rewards(kl, mask, ended, beta, missing_eos_penalty=0.0):
+    """Per-token rewards r_t = -beta * kl_t (§3), and -missing_eos_penalty on the last token of a response
+    the length budget cut before its EOS (§5.2, TRL's missing_eos_penalty)."""
+    return rollout.add_at_last_token(-beta * kl * mask, mask, -missing_eos_penalty * (~ended).float())
+
+
 def group_advantages(scores, group_size, divide_by_std=True, eps=1e-4):
     """(r - mean) / (std + eps) within each group of consecutive responses to one prompt, [B * G] (unbiased std,
     as TRL's GRPOTrainer); a group of equal rewards gets 0 everywhere. Dr. GRPO: r - mean."""
@@ -35,32 +68,182 @@ def group_advantages(scores, group_size, divide_by_std=True, eps=1e-4):
     return (centred / (groups.std(1, keepdim=True) + eps) if divide_by_std else centred).view(-1)
 
 
-# ---------------------------------------------------------------------------------------------- the critic
-class GroupBaseline:
-    """GRPO's critic is the group: no value model, the reward model scores each response once."""
-    name, score_name, optimizers, kl_in_loss, whiten = "grpo", "rm_score", (), True, False
-
-    def __init__(self, args, reward_model):
-        self.args, self.reward_model, self.models = args, reward_model.eval(), (reward_model,)
-        self.samples_per_prompt = args.group_size
-        self.loss_aggregation = "constant" if args.dr_grpo else "sequence"
-        self.describe = f"group of {args.group_size}, reward model" + (", Dr. GRPO" if args.dr_grpo else "")
-
-    @torch.no_grad()
-    def advantages(self, r, rewards):
-        self.score = reward.reward_scores(self.reward_model, r, self.args.forward_batch_size)
-        outcome = self.score + rewards.sum(1)  # rewards hold only --missing-eos-penalty: the KL is in the loss
-        return group_advantages(outcome, self.args.group_size, not self.args.dr_grpo)[:, None] * r.response_mask
+def loss_weights(mask, aggregation, max_len):
+    """Per-token weights of a minibatch's loss, [B, R]. "sequence": 1/(T_i * B), each response's token mean,
+    then the mean over responses (GRPO, Shao et al. 2024); "constant": 1/(max_len * B), token sums over a fixed
+    length (Dr. GRPO, Liu et al. 2025, which removes GRPO's length normalisation)."""
+    B = mask.shape[0]
+    if aggregation == "sequence":
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1) * B)
+    return mask / (max_len * B)
 
 
+def clipped_policy_loss(new_logp, old_logp, adv, mask, cliprange, weight, n):
+    """The clipped surrogate max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)), rho = pi / pi_old, summed over
+    response tokens with the minibatch's loss_weights; its statistics are token means (over n tokens)."""
+    ratio = torch.exp(new_logp - old_logp)
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+    with torch.no_grad():  # statistics keep no graph (and save no tensors the memory probe would count)
+        stats = {"policy/clipfrac": (((ratio - 1).abs() > cliprange).float() * mask).sum() / n,
+                 "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
+                 "val/ratio": (ratio * mask).sum() / n,
+                 "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
+    return (loss * weight).sum(), stats
+
+
+def ppo_epochs(policy, opt, prec, r, old_logp, ref_logp, adv, plans, args, beta):
+    """--ppo-epochs over the batch (plans: minibatch indices per epoch, whole groups): one step per minibatch of
+    the clipped surrogate plus GRPO's KL term beta * k3(pi || pi_ref), both weighted per token by loss_weights
+    (each response's mean, then the mean over responses; Dr. GRPO: sums over --max-new-tokens), its gradient
+    accumulated over micro-batches of --micro-batch-size responses. Under torchrun the statistics' token
+    count n is the global minibatch's over the ranks, as the weights' response count is each rank's share.
+    Returns the mean of each statistic over the minibatches, the largest |ratio - 1| of the first (§5.4: 0)."""
+    stats = []
+    for epoch in plans:
+        for idx in epoch:
+            mb = r.index(idx)
+            n = distributed.all_reduce(mb.response_mask.sum()).clamp(min=1) / distributed.world()
+            weight = loss_weights(mb.response_mask, "constant" if args.dr_grpo else "sequence", args.max_new_tokens)
+            opt.zero_grad(set_to_none=True)
+            total = {}
+            for micro in rollout.micro_batches(len(idx), args.micro_batch_size):
+                x, rows = mb.index(micro), idx[micro]
+                with prec.autocast():
+                    new_logp, entropy = rollout.response_logprobs(policy, x, args.temperature, with_entropy=True,
+                                                                  chunk=args.logprob_chunk)
+                    loss, s = clipped_policy_loss(new_logp, old_logp[rows], adv[rows], x.response_mask, args.cliprange,
+                                                  weight[micro], n)
+                    kl_loss = (rollout.kl_k3(new_logp, ref_logp[rows]) * x.response_mask * weight[micro]).sum()
+                    s = {**s, "loss/policy": loss, "loss/kl": kl_loss,
+                         "policy/entropy": (entropy.detach() * x.response_mask).sum() / n}
+                    loss = loss + beta * kl_loss
+                prec.backward(loss)
+                rollout.accumulate(total, s)
+            grad_norm = prec.step(opt, policy.parameters(), args.max_grad_norm)
+            stats.append({**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm),
+                          **prec.loss_scale("policy")})
+    for s, top in zip(stats, distributed.max_over_ranks([s["val/ratio_max_dev"] for s in stats])):
+        s["val/ratio_max_dev"] = top  # each minibatch's largest |ratio - 1| over all ranks' rows
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    out["val/ratio_first_max_dev"] = stats[0]["val/ratio_max_dev"]
+    return distributed.mean_over_ranks(out, maxima=("val/ratio_max_dev", "val/ratio_first_max_dev"))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
 def train(args: Args):
-    return reward.train(args, lambda path, tok, device, prec:
-                        GroupBaseline(args, reward.load_reward_model(path, args, tok, device, prec.dtype)))
+    check_rl_flags(args)
+    reward.check_output(args)
+    device = cli.pick_device(args.device)  # under torchrun: joins the process group, this rank's device
+    prec = precision.Precision(args.dtype, device)
+    cli.seed_everything(args.seed)
+    tok, prompts, eval_prompts = data.load_rl_prompts(args)
+    reward_model = reward.load_reward_model(reward.reward_model_path(args), args, tok, device, prec.dtype)
+    policy, ref = models.load_policy_and_reference(args, tok, device, prec)
+    trained = distributed.wrap(policy, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
+    if args.shard_frozen:
+        distributed.shard_frozen(ref, reward_model)
+    opt = precision.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
+    kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
+    probe = memory.Probe(device, models=(policy, ref, reward_model), optimizers=(opt,))
+    sampler = data.PromptSampler(len(prompts), args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # draws the minibatches
+    use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
+    if distributed.world() > 1:  # the same weights everywhere so far; from here each rank samples its own responses
+        cli.seed_everything(args.seed + distributed.rank())
+    records, ev, start, elapsed = [], {}, 0, 0.0
+    if args.resume:  # continue exactly: every state the next step reads, restored
+        st = checkpoint.resume_state(args, "grpo", args.steps)
+        distributed.load_optimizer_state(trained, opt, st["optimizer"])
+        prec.scaler.load_state_dict(st["scaler"])
+        kl_ctl.beta = st["kl_coef"]
+        sampler.load_state_dict(st["sampler"])
+        gen.set_state(st["generator"])
+        records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
+
+    def save(step, resumable):
+        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0,
+                   **memory.parameter_counts(policy, ref, reward_model), "device": str(device),
+                   "processes": distributed.world(), "args": asdict(args)}
+        state = checkpoint.trainer_state(
+            "grpo", step, records, ev, time.time() - t0, optimizer=distributed.optimizer_state(trained, opt),
+            scaler=prec.scaler.state_dict(), kl_coef=kl_ctl.beta, sampler=sampler.state_dict(),
+            generator=gen.get_state()) if resumable else None
+        checkpoint.save_run(args.out, summary, policy, tok, records, state)
+        return summary
+
+    print(f"grpo: group of {args.group_size}, reward model{', Dr. GRPO' if args.dr_grpo else ''}, beta={args.kl_coef}"
+          f"{' (adaptive)' if args.adaptive_kl else ''}, {args.steps} steps of {args.batch_size} prompts on {device} "
+          f"({args.dtype}), {len(prompts)} prompts" + (f", resumed at step {start}" if start else ""), flush=True)
+    t0 = time.time() - elapsed
+    for step in tqdm(range(start, args.steps + 1), desc="grpo", leave=False, disable=not distributed.is_main() or None):
+        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not heldout.done(records, step):
+            with prec.autocast():
+                ev = heldout.evaluate(policy, ref, tok, eval_prompts, args, use_gold)
+            records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
+            tqdm.write(f"eval step {step} | " + report.eval_text(ev))
+        if step == args.steps:
+            break
+
+        # 1. sample: this rank's share of the batch's prompts, a group of G responses to each
+        batch = [prompts[i] for i in distributed.my_share(sampler.take(args.batch_size)) for _ in range(args.group_size)]
+        with probe.phase("generate"), prec.autocast():
+            r = rollout.generate(policy, tok, [p for p, _ in batch], args.max_new_tokens, args.temperature,
+                                 ids=[ids for _, ids in batch], chunk=args.forward_batch_size)
+        with probe.phase("score"), torch.no_grad():
+            # 2. old and reference log-probs; the old ones on exactly the first epoch's micro-batches, so the
+            # first minibatch's ratio is exactly 1 (§5.4)
+            plans = rollout.minibatches(args.batch_size * args.group_size, args.minibatch_size * args.group_size, args.ppo_epochs, gen,
+                                        distributed.world(), distributed.rank())
+            old_logp = torch.zeros_like(r.response_mask)
+            for idx in plans[0]:
+                for micro in idx.split(args.micro_batch_size or len(idx)):
+                    with prec.autocast():
+                        old_logp[micro] = rollout.response_logprobs(policy, r.index(micro), args.temperature,
+                                                                    chunk=args.logprob_chunk)
+            with prec.autocast():
+                ref_logp = rollout.in_chunks(lambda x: rollout.response_logprobs(
+                    ref, x, args.temperature, chunk=args.logprob_chunk), r, args.forward_batch_size)
+            # 3. rewards: none per token (GRPO's KL is in the loss), but --missing-eos-penalty; the KL is logged
+            kl = rollout.kl_k1(old_logp, ref_logp) * r.response_mask
+            rewards = kl_rewards(kl, r.response_mask, r.ended, 0.0, args.missing_eos_penalty)
+            with prec.autocast():
+                # 4. the reward model's score of each response, at its last token
+                score = reward.reward_scores(reward_model, r, args.forward_batch_size)
+                # 5. the outcome normalised within its group, every token's advantage; not whitened
+                outcome = score + rewards.sum(1)
+                adv = group_advantages(outcome, args.group_size, not args.dr_grpo)[:, None] * r.response_mask
+        # 6. PPO epochs of the clipped objective with GRPO's KL term, micro-batches accumulated
+        with probe.phase("update"):
+            stats = ppo_epochs(trained, opt, prec, r, old_logp, ref_logp, adv, plans, args, kl_ctl.beta)
+        opt.zero_grad(set_to_none=True)  # gradients are not held through the next generation
+
+        # 7. log (every number the global batch's), evaluate (above), checkpoint
+        gold = world.gold_scores(r.texts) if use_gold else None
+        m = distributed.mean_over_ranks({  # each rank's share is equal, so the mean of means is the batch's
+            "objective/kl": kl.sum(1).mean().item(), **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
+            "objective/rm_score": score.mean().item(),
+            "objective/kl_k3": (rollout.kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
+            "objective/length": r.response_mask.sum(1).mean().item(), "objective/eos_rate": r.ended.float().mean().item()})
+        probed = probe.pop()  # memory and time of the rank that needed most
+        m = {**m, "objective/kl_coef": kl_ctl.beta, **stats, **distributed.mean_over_ranks(probed, maxima=probed),
+             "time/elapsed": time.time() - t0}
+        records.append({"step": step + 1, **m})
+        if args.adaptive_kl:
+            kl_ctl.update(m["objective/kl"], args.batch_size * args.group_size)
+        tqdm.write(report.step_text(step + 1, args.steps, m, "rm_score", use_gold))
+        if (step + 1) % args.table_every == 0:
+            tqdm.write(report.sample_table(r, gold, score, "rm_score"))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(step + 1, resumable=True)
+            tqdm.write(f"checkpoint step {step + 1} -> {args.out}")
+    summary = save(args.steps, resumable=args.save_every > 0)
+    print(report.saved_text(args.out, ev, summary), flush=True)
+    return summary
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, argv, __doc__)
-    runtime.run_main(lambda: train(args))
+    args = cli.parse_args(Args, argv, __doc__)
+    cli.run_main(lambda: train(args))
 
 
 if __name__ == "__main__":

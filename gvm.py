@@ -8,6 +8,7 @@ regresses it on TD(lambda) return-to-go targets (gamma = 1 by default) bootstrap
     python gvm.py --lam 1.0                         # Monte Carlo: every state's target is the label
     python gvm.py --model Qwen/Qwen2.5-0.5B --data my_pairs.jsonl --out ckpt/gvm-qwen
 """
+import abc
 import json
 import math
 import os
@@ -19,13 +20,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import data
-import distributed
-import lora
-import runtime
-import world
-from rollout import Precision, check_optimizer, gae, make_optimizer, masked_mean
-from runtime import UsageError, arg
+from infra import checkpoint, cli, data, distributed, lora, models, world
+from infra.cli import UsageError, arg
+from infra.flags import DataFlags, MemoryFlags, RunFlags
+from infra.precision import Precision, check_optimizer, make_optimizer
+from rollout import gae, masked_mean
 
 
 # held-out metrics a checkpoint can be selected by (README, What makes a good GVM), and whether higher is better
@@ -34,41 +33,27 @@ SELECT = {"acc_final": True, "acc_mean": True, "margin": True, "terminal_mse": F
 
 
 @dataclass
-class Args:
+class Args(DataFlags, MemoryFlags, RunFlags):
     model: str = arg(world.SFT_DIR, "backbone: a local folder or hub name of a causal LM; the default is the world's SFT policy")
-    data: str = arg(world.PAIRS_TRAIN, "preference pairs in any shape data.py reads: json, jsonl, parquet, csv, a saved dataset folder or a hub name")
+    data: str = arg(world.PAIRS_TRAIN, "preference pairs in any shape infra/data.py reads: json, jsonl, parquet, csv, a saved dataset folder or a hub name")
     eval_data: str = arg("", "held-out pairs; empty: the world's held-out pairs for the default --data, else --eval-frac of --data")
-    split: str = arg("train", "split to read when --data is a hub dataset or a DatasetDict folder")
-    eval_split: str = arg("", "split of --eval-data; empty: --split")
-    max_prompt_len: int = arg(256, "pairs whose prompt is longer than this many tokens (after the chat template) are dropped, with a count", ">= 0")
-    strict: bool = arg(False, "stop at the first bad row instead of skipping bad rows with a report")
     eval_frac: float = arg(0.05, "fraction of --data held out when --eval-data is empty and --data is not the world's", "(0, 1)")
     out: str = arg("ckpt/gvm", "output folder: backbone, head, tokenizer, value_model.json, metrics.jsonl, summary.json")
     lam: float = arg(0.95, "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap", "[0, 1]")
     gamma: float = arg(1.0, "discount of the return-to-go", "(0, 1]")
-    epochs: int = arg(10, "passes over the training pairs (10: DVPO did at least as well as from 3 or 20, README: What makes a good GVM)", ">= 1")
+    epochs: int = arg(10, "passes over the training pairs", ">= 1")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)", ">= -1")
     batch_size: int = arg(32, "samples per optimizer step (a pair gives two samples)", ">= 1")
-    micro_batch_size: int = arg(0, "samples per forward/backward; gradients accumulate over --batch-size (0: the whole batch)", ">= 0")
-    dtype: str = arg("fp32", "fp32 | bf16 | fp16: weights stay fp32, forward and backward run under autocast in this dtype")
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward instead of storing them")
-    lora_r: int = arg(0, "LoRA rank: train adapters on every linear layer of the backbone (frozen in --dtype) and the head in full (0: full fine-tuning)", ">= 0")
-    lora_alpha: float = arg(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r", "> 0")
-    lora_dropout: float = arg(0.0, "dropout on the adapters' input", "[0, 1)")
-    lora_targets: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or comma-separated names, e.g. q_proj,v_proj")
-    optim: str = arg("adamw", "adamw | adamw8bit: AdamW, or bitsandbytes' 8-bit AdamW (pip install bitsandbytes)")
-    fsdp: bool = arg(False, "under torchrun: shard the model's parameters, gradients and AdamW state over the processes (FSDP2) instead of a full replica on each (DDP)")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
     pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
     warmup_steps: int = arg(20, "steps of linear learning-rate warmup", ">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
     max_len: int = arg(512, "pairs with a prompt + response longer than this many tokens (or than the model's positions) are dropped, with a count", ">= 2")
+    fsdp: bool = arg(False, "under torchrun: shard the model's parameters, gradients and AdamW state over the processes (FSDP2) instead of a full replica on each (DDP)")
     log_every: int = arg(20, "steps between printed and logged training lines", ">= 1")
     eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)", ">= 1")
     eval_batch_size: int = arg(128, "samples per forward pass during evaluation", ">= 1")
-    select: str = arg("last", "which evaluated checkpoint to save: last, or the best by a held-out metric (none predicted DVPO's gold here): " + ", ".join(SELECT))
-    seed: int = arg(0, "seed for python, numpy and torch", "[0, 4294967295]")
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    select: str = arg("last", "which evaluated checkpoint to save: last, or the best by a held-out metric: " + ", ".join(SELECT))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -94,7 +79,7 @@ class ValueModel(nn.Module):
 
 def load_backbone(name, flag="--model", dtype=torch.float32):
     """Any Hugging Face causal LM (local folder or hub name) as a headless backbone, with its tokenizer."""
-    return data.load_pretrained(name, flag, causal_lm=False, dtype=dtype)
+    return models.load_pretrained(name, flag, causal_lm=False, dtype=dtype)
 
 
 HEAD_FILE, META_FILE = "value_head.safetensors", "value_model.json"
@@ -108,11 +93,11 @@ def save_value_model(model, tok, folder, meta):
     if folder is None:
         return
     part = lambda prefix: None if full is None else {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}  # noqa: E731
-    data.save_pretrained(model.backbone, tok, folder, part("backbone."))
+    models.save_pretrained(model.backbone, tok, folder, part("backbone."))
     head = part("head.") or model.head.state_dict()
     save_file({k: v.contiguous() for k, v in head.items()}, os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, META_FILE), "w") as f:
-        json.dump({**meta, "tokenizer_fingerprint": data.tokenizer_fingerprint(tok)}, f, indent=2)
+        json.dump({**meta, "tokenizer_fingerprint": models.tokenizer_fingerprint(tok)}, f, indent=2)
 
 
 def read_meta(folder, kind="gvm", flag="--gvm"):
@@ -148,14 +133,14 @@ def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch
 
 def check_tokenizer(meta, tok, where, policy, hint):
     """Refuse a value model whose tokenizer (vocabulary, special tokens, chat template) is not the policy's."""
-    if meta.get("tokenizer_fingerprint") != data.tokenizer_fingerprint(tok):
+    if meta.get("tokenizer_fingerprint") != models.tokenizer_fingerprint(tok):
         raise UsageError(f"{where}: built from {meta.get('base_model')} with another tokenizer than --policy {policy}; "
                          f"train one on this policy's backbone ({hint} {policy})")
 
 
 # ---------------------------------------------------------------------------------------------- data
 def encode(tok, prompt, response, max_len, max_prompt_len=0, positions=0):
-    """(prompt ids, response ids + EOS), encoded as the RL scripts encode them (data.py). data.TooLong for a
+    """(prompt ids, response ids + EOS), encoded as the RL scripts encode them (infra/data.py). data.TooLong for a
     prompt over max_prompt_len, or a prompt + response over max_len tokens or the model's positions: a cut
     response would lose its EOS and be valued as a complete one."""
     p, r = data.encode_prompt(tok, prompt, max_prompt_len), data.response_ids(tok, response)
@@ -299,11 +284,29 @@ def load_data(args):
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]], f"--data {args.data} (held-out part)"
 
 
-class TDObjective:
+class Objective(abc.ABC):
+    """What train() fits a value model to: TDObjective (the GVM) or reward.BradleyTerry (the baselines' reward
+    model). Both see the same pairs through the same loop."""
+    kind: str  # the checkpoint's kind in value_model.json: "gvm" or "reward-model"
+    pair_batches: bool  # a pair's two samples always in one batch, chosen first
+
+    @abc.abstractmethod
+    def loss(self, values, batch):
+        """(the mean loss over what weight() counts, {name: float} statistics) of values V(s_0..s_T) [B, S]."""
+
+    @abc.abstractmethod
+    def weight(self, batch):
+        """What the loss averages over in a batch (states, pairs): micro-batches are weighted by it."""
+
+    @abc.abstractmethod
+    def meta(self):
+        """What value_model.json records of the objective."""
+
+
+class TDObjective(Objective):
     """The GVM's objective (§2): 1/2 MSE against TD(lambda) return-to-go targets with +-1 terminal labels.
     A pair's two samples share a batch (--pair-batches): the same loss, but its gradient along what the two
-    share, the prompt, whose targets are +1 and -1, cancels within the batch instead of adding noise. Under
-    label noise this decides whether the GVM learns at all (README, Label noise)."""
+    share, the prompt, whose targets are +1 and -1, cancels within the batch instead of adding noise."""
     kind = "gvm"
 
     def __init__(self, args):
@@ -364,7 +367,7 @@ def train(args: Args, objective=None):
     """Train a value model on preference pairs. The objective defaults to the GVM's; the PPO baseline passes
     its Bradley-Terry reward-model objective, so both models see the same data through the same loop."""
     objective = objective or TDObjective(args)
-    runtime.check_args(args)
+    cli.check_args(args)
     if args.max_steps == 0:
         raise UsageError("--max-steps 0: must be -1 (all epochs) or at least 1")
     if objective.pair_batches and (args.batch_size % 2 or args.micro_batch_size % 2):
@@ -379,26 +382,26 @@ def train(args: Args, objective=None):
     if args.select != "last" and args.select not in SELECT:
         raise UsageError(f"--select {args.select}: must be last or one of {', '.join(SELECT)}")
     check_optimizer(args.optim)
-    runtime.check_output_dir(args.out)
-    device = runtime.pick_device(args.device)
+    checkpoint.check_output_dir(args.out)
+    device = cli.pick_device(args.device)
     prec = Precision(args.dtype, device)
-    runtime.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     train_rows, eval_rows, eval_name = load_data(args)
     if args.model == world.SFT_DIR:
         world.ensure_world()
-    tok, positions = data.load_tokenizer(args.model, "--model"), data.position_limit(args.model, "--model")
+    tok, positions = models.load_tokenizer(args.model, "--model"), models.position_limit(args.model, "--model")
     pad_id = tok.pad_token_id  # masked everywhere; data.load_tokenizer makes it differ from EOS
     train_samples = pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len,
                                  args.strict, positions)
     eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name, args.max_prompt_len, args.strict, positions)
     if args.lora_r:  # the backbone frozen in --dtype with adapters, the head trained in full and in fp32
-        backbone = lora.add_lora(data.load_model(args.model, tok, "--model", causal_lm=False, dtype=prec.dtype),
+        backbone = lora.add_lora(models.load_model(args.model, tok, "--model", causal_lm=False, dtype=prec.dtype),
                                  args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     else:
-        backbone = data.load_model(args.model, tok, "--model", causal_lm=False)
+        backbone = models.load_model(args.model, tok, "--model", causal_lm=False)
     model = ValueModel(backbone, dtype=torch.float32).to(device)
     if args.gradient_checkpointing:
-        data.enable_checkpointing(backbone)
+        models.enable_checkpointing(backbone)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -419,8 +422,8 @@ def train(args: Args, objective=None):
     meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
     key = None if args.select == "last" else "eval/" + args.select.replace("acc_", "pairwise_acc_")
     best = None  # (step, metrics) of the checkpoint saved so far under --select
-    with runtime.atomic_dir(args.out) as tmp:
-        log = runtime.MetricsLog(tmp and os.path.join(tmp, "metrics.jsonl"))  # rank 0 writes
+    with checkpoint.atomic_dir(args.out) as tmp:
+        log = checkpoint.MetricsLog(tmp and os.path.join(tmp, "metrics.jsonl"))  # rank 0 writes
 
         def evaluate(step):
             nonlocal best
@@ -478,8 +481,8 @@ def train(args: Args, objective=None):
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, argv, __doc__)
-    runtime.run_main(lambda: train(args))
+    args = cli.parse_args(Args, argv, __doc__)
+    cli.run_main(lambda: train(args))
 
 
 if __name__ == "__main__":

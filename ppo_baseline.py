@@ -1,40 +1,152 @@
 """The PPO baseline (docs/DVPO.md §4): a Bradley–Terry reward model trained on the same preference pairs as the
-GVM (stage A), then PPO whose critic starts as a copy of the reward model and keeps learning (stage B).
-Same loop, flags, logs and outputs as dvpo.py: diff the two files to see the algorithmic difference. In
-memory: policy and critic (trained, each with its optimizer), reference and reward model (frozen).
+GVM (stage A, reward.py), then PPO whose critic starts as a copy of the reward model and keeps learning.
 
-    python ppo_baseline.py                    # stage A into ckpt/rm, then stage B into ckpt/ppo
+Per step: sample prompts -> one response each -> log-probs under the policy (old) and the reference -> per-token
+KL-penalty rewards -> reward-model score and critic values -> GAE advantages -> --ppo-epochs of clipped policy
+updates, each followed by a clipped value update of the critic. Four models in memory, two of them trained.
+The skeleton is dvpo.py's: `diff dvpo.py ppo_baseline.py` shows the algorithmic difference.
+
+    python ppo_baseline.py                    # stage A into ckpt/rm, then PPO into ckpt/ppo
     python ppo_baseline.py --rm ckpt/rm       # reuse a reward model
 """
 import copy
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
-import data
-import distributed
 import gvm
-import lora
 import reward
 import rollout
-import runtime
-from runtime import arg
+from infra import checkpoint, cli, data, distributed, heldout, lora, memory, models, precision, report, world
+from infra.cli import arg
+from infra.flags import RLFlags, check_rl_flags
 
 
 @dataclass
-class Args(reward.RewardArgs):
+class Args(reward.RewardFlags, RLFlags):
     critic_lr: float = arg(3e-4, "AdamW learning rate of the critic, which has its own optimizer", "> 0")
     vf_coef: float = arg(0.1, "coefficient of the critic's clipped value loss", "> 0")
     cliprange_value: float = arg(0.2, "clip epsilon of the critic's value change", "> 0")
-    freeze_critic: bool = arg(False, "keep the critic at the reward model's weights, untrained (the reward model serves as both): PPO with a frozen critic, to compare with DVPO's frozen GVM")
+    freeze_critic: bool = arg(False, "keep the critic at the reward model's weights, untrained (the reward model serves as both)")
+    lam: float = arg(0.95, "GAE lambda", "[0, 1]")
+    gamma: float = arg(1.0, "discount", "(0, 1]")
+    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive", ">= 0")
+    adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
+    target_kl: float = arg(6.0, "adaptive KL target, nats per sequence", "> 0")
+    kl_horizon: int = arg(10000, "adaptive KL horizon, in samples", ">= 1")
+    steps: int = arg(100, "RL steps (one batch of prompts each)", ">= 1")
+    batch_size: int = arg(64, "prompts per step, one response each", ">= 1")
+    minibatch_size: int = arg(16, "responses per PPO minibatch (one optimizer step); must divide --batch-size", ">= 1")
+    ppo_epochs: int = arg(4, "PPO epochs over each batch", ">= 1")
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon", "> 0")
+    lr: float = arg(3e-4, "AdamW learning rate of the policy (constant)", "> 0")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip", "> 0")
+    temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)", "> 0")
+    max_new_tokens: int = arg(48, "sampling budget per response", ">= 1")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)", ">= 0")
     out: str = arg("ckpt/ppo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
 
 
-def reward_model_and_critic(path, args, tok, device, prec):
-    """(frozen reward model, trainable critic initialised from it). Full fine-tuning: two copies, the reward
-    model in --dtype and the critic in fp32. --lora-r: one copy of the reward model's backbone in --dtype with
+# ---------------------------------------------------------------------------------------------- the algorithm
+class AdaptiveKL:
+    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        err = max(-0.2, min(0.2, kl / self.target - 1))
+        self.beta *= 1 + err * n / self.horizon
+
+
+def kl_rewards(kl, mask, ended, beta, missing_eos_penalty=0.0):
+    """Per-token rewards r_t = -beta * kl_t (§3), and -missing_eos_penalty on the last token of a response
+    the length budget cut before its EOS (§5.2, TRL's missing_eos_penalty)."""
+    return rollout.add_at_last_token(-beta * kl * mask, mask, -missing_eos_penalty * (~ended).float())
+
+
+def clipped_value_loss(vpred, old_values, returns, mask, cliprange_value, n=None):
+    """The critic's loss: 1/2 * sum over response tokens of max((V - R)^2, (V_clip - R)^2) / n, with
+    V_clip = V_old + clip(V - V_old, -eps, eps); n defaults to the token count (the mean)."""
+    n = mask.sum().clamp(min=1) if n is None else n
+    vclipped = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)
+    loss = 0.5 * (torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2) * mask).sum() / n
+    with torch.no_grad():
+        clipfrac = (((vclipped - returns) ** 2 > (vpred - returns) ** 2).float() * mask).sum() / n
+    return loss, clipfrac
+
+
+def clipped_policy_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
+    """The clipped surrogate: sum over response tokens of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) / n,
+    rho = pi / pi_old. n defaults to the token count (the mean); a micro-batch passes its minibatch's count."""
+    n = mask.sum().clamp(min=1) if n is None else n
+    ratio = torch.exp(new_logp - old_logp)
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+    with torch.no_grad():  # statistics keep no graph (and save no tensors the memory probe would count)
+        stats = {"policy/clipfrac": (((ratio - 1).abs() > cliprange).float() * mask).sum() / n,
+                 "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
+                 "val/ratio": (ratio * mask).sum() / n,
+                 "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
+    return (loss * mask).sum() / n, stats
+
+
+def ppo_epochs(policy, opt, prec, critic, critic_opt, critic_prec, r, old_logp, adv, old_values, returns, plans, args):
+    """--ppo-epochs over the batch (plans: minibatch indices per epoch): per minibatch one clipped policy step,
+    then (unless the critic is frozen: critic_opt None) one clipped value step of the critic, each accumulated
+    over micro-batches of --micro-batch-size responses, each micro-batch's token sum divided by the whole
+    minibatch's token count n, so each step is the whole minibatch's. Under torchrun n is the global
+    minibatch's count over the ranks, so DDP's average of the ranks' gradients is the global one.
+    Returns the mean of each statistic over the minibatches, the largest |ratio - 1| of the first (§5.4: 0)."""
+    stats = []
+    for epoch in plans:
+        for idx in epoch:
+            mb = r.index(idx)
+            n = distributed.all_reduce(mb.response_mask.sum()).clamp(min=1) / distributed.world()
+            opt.zero_grad(set_to_none=True)
+            total = {}
+            for micro in rollout.micro_batches(len(idx), args.micro_batch_size):
+                x, rows = mb.index(micro), idx[micro]
+                with prec.autocast():
+                    new_logp, entropy = rollout.response_logprobs(policy, x, args.temperature, with_entropy=True,
+                                                                  chunk=args.logprob_chunk)
+                    loss, s = clipped_policy_loss(new_logp, old_logp[rows], adv[rows], x.response_mask, args.cliprange, n)
+                    s = {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * x.response_mask).sum() / n}
+                prec.backward(loss)
+                rollout.accumulate(total, s)
+            grad_norm = prec.step(opt, policy.parameters(), args.max_grad_norm)
+            stats.append({**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm),
+                          **prec.loss_scale("policy")})
+            if critic_opt is None:
+                continue
+            # the critic's clipped value step on the same minibatch: V(s_0 .. s_{R-1}) regressed on the GAE returns
+            critic_opt.zero_grad(set_to_none=True)
+            total = {}
+            for micro in rollout.micro_batches(len(idx), args.micro_batch_size):
+                x, rows = mb.index(micro), idx[micro]
+                with critic_prec.autocast():
+                    vpred = critic(x.input_ids, x.attention_mask)[:, x.prompt_len - 1:-1]
+                    loss, clipfrac = clipped_value_loss(vpred, old_values[rows], returns[rows], x.response_mask,
+                                                        args.cliprange_value, n)
+                    s = {"loss/value": loss, "val/clipfrac": clipfrac,
+                         "val/vpred": (vpred.detach() * x.response_mask).sum() / n}
+                critic_prec.backward(args.vf_coef * loss)
+                rollout.accumulate(total, s)
+            critic_prec.step(critic_opt, critic.parameters(), args.max_grad_norm)
+            stats[-1].update({**{k: float(v) for k, v in total.items()}, **critic_prec.loss_scale("val")})
+    for s, top in zip(stats, distributed.max_over_ranks([s["val/ratio_max_dev"] for s in stats])):
+        s["val/ratio_max_dev"] = top  # each minibatch's largest |ratio - 1| over all ranks' rows
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    out["val/ratio_first_max_dev"] = stats[0]["val/ratio_max_dev"]
+    return distributed.mean_over_ranks(out, maxima=("val/ratio_max_dev", "val/ratio_first_max_dev"))
+
+
+def load_reward_model_and_critic(path, args, tok, device, prec):
+    """(frozen reward model, critic initialised from it). Full fine-tuning: two copies, the reward model in
+    --dtype and the critic in fp32, trained. --lora-r: one copy of the reward model's backbone in --dtype with
     the critic's adapters on it and a trained fp32 copy of the head; the reward model is that backbone with
-    its adapters off and the original head."""
+    its adapters off and the original head. --freeze-critic: the reward model is the critic."""
     rm = reward.load_reward_model(path, args, tok, device, prec.dtype)
     if args.freeze_critic:
         return rm, rm
@@ -45,86 +157,142 @@ def reward_model_and_critic(path, args, tok, device, prec):
     return gvm.ValueModel(lora.WithoutAdapters(backbone), head=rm.head), critic
 
 
-# ---------------------------------------------------------------------------------------------- the critic
-def clipped_value_loss(vpred, old_values, returns, mask, cliprange_value, n=None):
-    """1/2 * sum over response tokens of max((V - R)^2, (V_clip - R)^2) / n, V_clip = V_old + clip(V - V_old);
-    n defaults to the token count (the mean), as in rollout.ppo_loss."""
-    n = mask.sum().clamp(min=1) if n is None else n
-    vclipped = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)
-    loss = 0.5 * (torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2) * mask).sum() / n
-    with torch.no_grad():
-        clipfrac = (((vclipped - returns) ** 2 > (vpred - returns) ** 2).float() * mask).sum() / n
-    return loss, clipfrac
-
-
-class LearnedCritic:
-    """PPO's critic (§4): the reward model's weights, in fp32, trained online by its own optimizer on a
-    clipped value loss; the frozen reward model (in --dtype) scores each response at its last token. With
-    --freeze-critic the critic is the reward model itself and nothing trains."""
-    name, score_name, describe = "ppo", "rm_score", "critic trained from the reward model"
-
-    def __init__(self, args, reward_model, critic, device):
-        self.args, self.reward_model, self.critic = args, reward_model.eval(), critic
-        self.frozen = critic is reward_model
-        if self.frozen:
-            self.describe, self.models, self.optimizers = "critic frozen at the reward model", (reward_model,), ()
-            return
-        self.critic.train()
-        if args.gradient_checkpointing:
-            data.enable_checkpointing(self.critic.backbone)
-        self.trained = distributed.wrap(self.critic, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
-        self.opt = rollout.make_optimizer(self.critic.parameters(), args.critic_lr, args.optim, eps=1e-5)
-        self.prec = rollout.Precision(args.dtype, device)
-        self.models, self.optimizers = (self.reward_model, self.critic), (self.opt,)
-
-    @torch.no_grad()
-    def advantages(self, r, rewards):
-        self.score = reward.reward_scores(self.reward_model, r, self.args.forward_batch_size)
-        values = rollout.in_chunks(lambda x: self.critic(x.input_ids, x.attention_mask), r, self.args.forward_batch_size)
-        self.old_values = values[:, r.prompt_len - 1:-1] * r.response_mask  # V(s_0..s_{R-1})
-        adv, self.returns = rollout.gae(rollout.add_at_last_token(rewards, r.response_mask, self.score),
-                                        self.old_values, r.response_mask, self.args.gamma, self.args.lam)
-        return adv
-
-    def minibatch_step(self, idx, mb):
-        """One clipped value step, accumulated over micro-batches like the policy's (rollout.accumulated_step)."""
-        if self.frozen:
-            return {}
-
-        def micro_loss(micro_idx, micro, n):
-            rows = idx[micro_idx]
-            vpred = self.trained(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1:-1]
-            loss, clipfrac = clipped_value_loss(vpred, self.old_values[rows], self.returns[rows], micro.response_mask,
-                                                self.args.cliprange_value, n)
-            return self.args.vf_coef * loss, {"loss/value": loss, "val/clipfrac": clipfrac,
-                                              "val/vpred": (vpred.detach() * micro.response_mask).sum() / n}
-
-        total, _ = rollout.accumulated_step(self.opt, self.prec, self.critic.parameters(), self.args.max_grad_norm,
-                                            mb, self.args.micro_batch_size, micro_loss)
-        return {**{k: float(v) for k, v in total.items()}, **self.prec.loss_scale("val")}
-
-    def state_dict(self):
-        """What trains (all of the critic, or under LoRA its adapters and head), its optimizer and loss scale."""
-        if self.frozen:
-            return None
-        return {"critic": distributed.trained_state(self.critic),
-                "optimizer": distributed.optimizer_state(self.critic, self.opt), "scaler": self.prec.scaler.state_dict()}
-
-    def load_state_dict(self, s):
-        missing, unexpected = distributed.load_trained_state(self.critic, s["critic"])
-        assert not unexpected and all(not p.requires_grad for n, p in self.critic.named_parameters() if n in missing)
-        distributed.load_optimizer_state(self.critic, self.opt, s["optimizer"])
-        self.prec.scaler.load_state_dict(s["scaler"])
-
-
+# ---------------------------------------------------------------------------------------------- the loop
 def train(args: Args):
-    return reward.train(args, lambda path, tok, device, prec:
-                        LearnedCritic(args, *reward_model_and_critic(path, args, tok, device, prec), device))
+    check_rl_flags(args)
+    reward.check_output(args)
+    device = cli.pick_device(args.device)  # under torchrun: joins the process group, this rank's device
+    prec = precision.Precision(args.dtype, device)
+    cli.seed_everything(args.seed)
+    tok, prompts, eval_prompts = data.load_rl_prompts(args)
+    reward_model, critic = load_reward_model_and_critic(reward.reward_model_path(args), args, tok, device, prec)
+    critic_opt = critic_prec = None  # --freeze-critic: the critic is the reward model, and nothing of it trains
+    if critic is not reward_model:  # the critic trains in fp32 with its own optimizer and loss scale
+        critic.train()
+        if args.gradient_checkpointing:
+            models.enable_checkpointing(critic.backbone)
+        trained_critic = distributed.wrap(critic, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
+        critic_opt = precision.make_optimizer(critic.parameters(), args.critic_lr, args.optim, eps=1e-5)
+        critic_prec = precision.Precision(args.dtype, device)
+    policy, ref = models.load_policy_and_reference(args, tok, device, prec)
+    trained = distributed.wrap(policy, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
+    if args.shard_frozen:
+        distributed.shard_frozen(ref, reward_model, critic)
+    opt = precision.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
+    kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
+    probe = memory.Probe(device, models=(policy, ref, reward_model) + ((critic,) if critic_opt else ()),
+                         optimizers=(opt,) + ((critic_opt,) if critic_opt else ()))
+    sampler = data.PromptSampler(len(prompts), args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # draws the minibatches
+    use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
+    if distributed.world() > 1:  # the same weights everywhere so far; from here each rank samples its own responses
+        cli.seed_everything(args.seed + distributed.rank())
+    records, ev, start, elapsed = [], {}, 0, 0.0
+    if args.resume:  # continue exactly: every state the next step reads, restored
+        st = checkpoint.resume_state(args, "ppo", args.steps)
+        distributed.load_optimizer_state(trained, opt, st["optimizer"])
+        prec.scaler.load_state_dict(st["scaler"])
+        kl_ctl.beta = st["kl_coef"]
+        sampler.load_state_dict(st["sampler"])
+        gen.set_state(st["generator"])
+        if critic_opt:  # what of the critic trains (all of it, or under LoRA its adapters and head)
+            missing, unexpected = distributed.load_trained_state(critic, st["algo_state"]["critic"])
+            assert not unexpected and all(not p.requires_grad for n, p in critic.named_parameters() if n in missing)
+            distributed.load_optimizer_state(critic, critic_opt, st["algo_state"]["optimizer"])
+            critic_prec.scaler.load_state_dict(st["algo_state"]["scaler"])
+        records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
+
+    def save(step, resumable):
+        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0,
+                   **memory.parameter_counts(policy, ref, reward_model, critic), "device": str(device),
+                   "processes": distributed.world(), "args": asdict(args)}
+        critic_state = {"critic": distributed.trained_state(critic), "scaler": critic_prec.scaler.state_dict(),
+                        "optimizer": distributed.optimizer_state(critic, critic_opt)} if critic_opt and resumable else None
+        state = checkpoint.trainer_state(
+            "ppo", step, records, ev, time.time() - t0, optimizer=distributed.optimizer_state(trained, opt),
+            scaler=prec.scaler.state_dict(), kl_coef=kl_ctl.beta, sampler=sampler.state_dict(),
+            generator=gen.get_state(), algo_state=critic_state) if resumable else None
+        checkpoint.save_run(args.out, summary, policy, tok, records, state)
+        return summary
+
+    print(f"ppo: critic {'trained from' if critic_opt else 'frozen at'} the reward model, lam={args.lam} beta={args.kl_coef}"
+          f"{' (adaptive)' if args.adaptive_kl else ''}, {args.steps} steps of {args.batch_size} prompts on {device} "
+          f"({args.dtype}), {len(prompts)} prompts" + (f", resumed at step {start}" if start else ""), flush=True)
+    t0 = time.time() - elapsed
+    for step in tqdm(range(start, args.steps + 1), desc="ppo", leave=False, disable=not distributed.is_main() or None):
+        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not heldout.done(records, step):
+            with prec.autocast():
+                ev = heldout.evaluate(policy, ref, tok, eval_prompts, args, use_gold)
+            records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
+            tqdm.write(f"eval step {step} | " + report.eval_text(ev))
+        if step == args.steps:
+            break
+
+        # 1. sample: this rank's share of the batch's prompts, one response each from the policy itself (§3)
+        batch = [prompts[i] for i in distributed.my_share(sampler.take(args.batch_size))]
+        with probe.phase("generate"), prec.autocast():
+            r = rollout.generate(policy, tok, [p for p, _ in batch], args.max_new_tokens, args.temperature,
+                                 ids=[ids for _, ids in batch], chunk=args.forward_batch_size)
+        with probe.phase("score"), torch.no_grad():
+            # 2. old and reference log-probs; the old ones on exactly the first epoch's micro-batches, so the
+            # first minibatch's ratio is exactly 1 (§5.4)
+            plans = rollout.minibatches(args.batch_size, args.minibatch_size, args.ppo_epochs, gen,
+                                        distributed.world(), distributed.rank())
+            old_logp = torch.zeros_like(r.response_mask)
+            for idx in plans[0]:
+                for micro in idx.split(args.micro_batch_size or len(idx)):
+                    with prec.autocast():
+                        old_logp[micro] = rollout.response_logprobs(policy, r.index(micro), args.temperature,
+                                                                    chunk=args.logprob_chunk)
+            with prec.autocast():
+                ref_logp = rollout.in_chunks(lambda x: rollout.response_logprobs(
+                    ref, x, args.temperature, chunk=args.logprob_chunk), r, args.forward_batch_size)
+            # 3. per-token KL-penalty rewards r_t = -beta * (log pi - log pi_ref) (§3)
+            kl = rollout.kl_k1(old_logp, ref_logp) * r.response_mask
+            rewards = kl_rewards(kl, r.response_mask, r.ended, kl_ctl.beta, args.missing_eos_penalty)
+            with prec.autocast():
+                # 4. the reward model's score of each response, at its last token, and the critic's V(s_0 .. s_{R-1})
+                score = reward.reward_scores(reward_model, r, args.forward_batch_size)
+                old_values = rollout.response_state_values(critic, r, args.forward_batch_size)[:, :-1] * r.response_mask
+                # 5. GAE advantages and returns, the score as the last token's reward (§4); the advantages whitened
+                # over the global batch (the moments summed over every rank's share)
+                adv, returns = rollout.gae(rollout.add_at_last_token(rewards, r.response_mask, score), old_values,
+                                           r.response_mask, args.gamma, args.lam)
+                adv = rollout.masked_whiten(adv, r.response_mask, total=distributed.all_reduce)
+        # 6. PPO epochs of the clipped objective and the critic's value loss, micro-batches accumulated
+        with probe.phase("update"):
+            stats = ppo_epochs(trained, opt, prec, trained_critic if critic_opt else critic, critic_opt, critic_prec,
+                               r, old_logp, adv, old_values, returns, plans, args)
+        for o in (opt, critic_opt) if critic_opt else (opt,):  # gradients are not held through the next generation
+            o.zero_grad(set_to_none=True)
+
+        # 7. log (every number the global batch's), evaluate (above), checkpoint
+        gold = world.gold_scores(r.texts) if use_gold else None
+        m = distributed.mean_over_ranks({  # each rank's share is equal, so the mean of means is the batch's
+            "objective/kl": kl.sum(1).mean().item(), **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
+            "objective/rm_score": score.mean().item(),
+            "objective/kl_k3": (rollout.kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
+            "objective/length": r.response_mask.sum(1).mean().item(), "objective/eos_rate": r.ended.float().mean().item()})
+        probed = probe.pop()  # memory and time of the rank that needed most
+        m = {**m, "objective/kl_coef": kl_ctl.beta, **stats, **distributed.mean_over_ranks(probed, maxima=probed),
+             "time/elapsed": time.time() - t0}
+        records.append({"step": step + 1, **m})
+        if args.adaptive_kl:
+            kl_ctl.update(m["objective/kl"], args.batch_size)
+        tqdm.write(report.step_text(step + 1, args.steps, m, "rm_score", use_gold))
+        if (step + 1) % args.table_every == 0:
+            tqdm.write(report.sample_table(r, gold, score, "rm_score"))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(step + 1, resumable=True)
+            tqdm.write(f"checkpoint step {step + 1} -> {args.out}")
+    summary = save(args.steps, resumable=args.save_every > 0)
+    print(report.saved_text(args.out, ev, summary), flush=True)
+    return summary
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, argv, __doc__)
-    runtime.run_main(lambda: train(args))
+    args = cli.parse_args(Args, argv, __doc__)
+    cli.run_main(lambda: train(args))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""The Bradley–Terry reward model every critic-free baseline and PPO score responses with (docs/DVPO.md §4):
-stage A trains it on the same preference pairs as the GVM, with gvm.py's loop and data, and reward_scores
-reads it at each response's last token. ppo_baseline.py, grpo_baseline.py and remax_baseline.py share the
-flags in RewardArgs, so `--rm ckpt/rm` reuses one stage A for all of them.
+"""Stage A of the baselines: the Bradley–Terry reward model that PPO, GRPO and ReMax score responses with
+(docs/DVPO.md §4). It trains on the same preference pairs as the GVM, with gvm.py's loop and data, and
+reward_scores reads it at each response's last token. ppo_baseline.py, grpo_baseline.py and remax_baseline.py
+share the flags in RewardFlags, so `--rm ckpt/rm` reuses one stage A for all of them.
 """
 import os
 from dataclasses import dataclass
@@ -10,16 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import gvm
-import loop
 import rollout
-import runtime
-import world
-from runtime import arg
+from infra import checkpoint, world
+from infra.cli import arg
 
 
 @dataclass
-class RewardArgs(loop.RLArgs):
-    """The RL flags, and stage A's."""
+class RewardFlags:
+    """Stage A's flags, shared by the baselines that score with a reward model."""
     rm: str = arg("", "a reward model from an earlier run (ckpt/rm); empty: train one first (stage A)")
     data: str = arg(world.PAIRS_TRAIN, "stage A's preference pairs, the same default as gvm.py's --data")
     eval_data: str = arg("", "stage A's held-out pairs, as gvm.py's --eval-data")
@@ -34,7 +32,7 @@ def bradley_terry_loss(chosen, rejected):
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-class BradleyTerry:
+class BradleyTerry(gvm.Objective):
     """The reward model's objective for gvm.train: the score is read at the last response token (EOS), the
     state s_T, and pairs stay together in a batch (chosen, rejected, chosen, ...)."""
     kind, pair_batches = "reward-model", True
@@ -57,8 +55,8 @@ class BradleyTerry:
 
 def train_reward_model(out, device="auto", **flags):
     """Stage A: a Bradley-Terry reward model trained into `out` by gvm.py's loop, with stage A's defaults
-    (RewardArgs' --rm-epochs, --rm-lr, --rm-batch-size, the last checkpoint) where `flags` (gvm.Args fields) are silent."""
-    defaults = {"epochs": RewardArgs.rm_epochs, "lr": RewardArgs.rm_lr, "batch_size": RewardArgs.rm_batch_size, "select": "last"}
+    (RewardFlags' --rm-epochs, --rm-lr, --rm-batch-size, the last checkpoint) where `flags` (gvm.Args fields) are silent."""
+    defaults = {"epochs": RewardFlags.rm_epochs, "lr": RewardFlags.rm_lr, "batch_size": RewardFlags.rm_batch_size, "select": "last"}
     return gvm.train(gvm.Args(out=out, device=device, **{**defaults, **flags}), BradleyTerry())
 
 
@@ -88,26 +86,9 @@ def load_reward_model(path, args, tok, device, dtype):
 def check_output(args):
     """Before any work: stage A's --rm-out can be written, unless --rm names a reward model."""
     if not args.rm:
-        runtime.check_output_dir(args.rm_out, "--rm-out")
+        checkpoint.check_output_dir(args.rm_out, "--rm-out")
 
 
-@torch.no_grad()
 def reward_scores(reward_model, r, chunk=0):
     """The reward model's score of each response of a rollout, read at its last token (the state s_T), [B]."""
-    scores = rollout.in_chunks(lambda x: reward_model(x.input_ids, x.attention_mask), r, chunk)
-    T = r.response_mask.sum(1).long()
-    return scores[:, r.prompt_len - 1:].gather(1, T[:, None]).squeeze(1)
-
-
-def train(args, make_algo):
-    """A reward-model method's run: every check, the prompts, stage A (or --rm), make_algo(reward model path,
-    tokenizer, device, precision) -> the loop's `algo`, the policy and its reference, then loop.rl_train."""
-    loop.validate_rl(args)
-    check_output(args)
-    device = runtime.pick_device(args.device)
-    prec = rollout.Precision(args.dtype, device)
-    runtime.seed_everything(args.seed)
-    tok, prompts, eval_prompts = loop.load_rl_data(args)
-    algo = make_algo(reward_model_path(args), tok, device, prec)
-    policy, ref = loop.load_rl_models(args, tok, device, prec)
-    return loop.rl_train(args, algo, policy, ref, tok, prompts, eval_prompts, device, prec)
+    return rollout.final_value(rollout.response_state_values(reward_model, r, chunk), r.response_mask)

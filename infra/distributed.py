@@ -8,6 +8,7 @@ a script runs as one process, as before.
 
 Flags stay global: --batch-size and --minibatch-size count the responses of all ranks, and each rank takes
 1/N of every batch and minibatch, so N processes compute the update one process would (README, Multi-GPU).
+The trainers call these where they need the global batch, so the math (rollout.py) holds no process group.
 """
 import datetime
 import os
@@ -165,6 +166,13 @@ def wrap(model, fsdp=False):
     if not any(p.requires_grad for p in model.parameters()):  # frozen: no backward comes to reshard the root group
         model.register_forward_hook(lambda module, args, output: module.reshard())
     return model
+
+
+def shard_frozen(*models):
+    """--shard-frozen: each frozen model not yet sharded (a LoRA reference shares the policy's) sharded by FSDP2."""
+    for m in {id(m): m for m in models}.values():
+        if not any(p.requires_grad for p in m.parameters()) and not is_sharded(m):
+            wrap(m, fsdp=True)
 
 
 def is_sharded(model):

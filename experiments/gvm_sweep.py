@@ -4,28 +4,28 @@ judge, predicts the held-out gold DVPO then reaches. PPO runs beside them with t
 that remains is measured in the same sweep. Every run is its own process; a run whose folder already holds a
 summary with the same flags is reused, so an interrupted sweep continues where it stopped.
 
-    python gvm_sweep.py                                    # every variant, seeds 0,1,2, on the embedded world
-    python gvm_sweep.py --variants e3,e10 --seeds 0,1      # some of them
-    python gvm_sweep.py --variants e3 --seeds 0 --steps 2 --eval-n 20 --no-ppo   # a smoke run
+    python experiments/gvm_sweep.py                                    # every variant, seeds 0,1,2, on the embedded world
+    python experiments/gvm_sweep.py --variants e3,e10 --seeds 0,1      # some of them
+    python experiments/gvm_sweep.py --variants e3 --seeds 0 --steps 2 --eval-n 20 --no-ppo   # a smoke run
 """
 import json
 import os
 import shlex
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's own modules
 import compare
 import dvpo
 import gvm
-import loop
 import ppo_baseline
 import reward
-import runtime
-import world
-from runtime import UsageError, arg
+from infra import checkpoint, cli, world
+from infra.cli import UsageError, arg
 
 # name -> gvm.py flags; every other flag keeps gvm.py's default
 VARIANTS = {
@@ -70,7 +70,7 @@ def split(text, flag):
 
 def fresh_or_reused(script, args_cls, flags, out):
     """Run `script flags --out out` unless `out` already holds a finished run with the same flags."""
-    planned = asdict(runtime.parse_args(args_cls, [*flags, "--out", out]))
+    planned = asdict(cli.parse_args(args_cls, [*flags, "--out", out]))
     done = os.path.join(out, "summary.json")
     if os.path.isfile(done) and {k: json.load(open(done))["args"].get(k) for k in planned} == planned:
         print(f"gvm_sweep: reusing {out}", flush=True)
@@ -146,19 +146,21 @@ def report(res, args):
 
 
 def sweep(args: Args):
-    runtime.single_process("gvm_sweep.py")
-    runtime.check_args(args)
+    cli.single_process("gvm_sweep.py")
+    cli.check_args(args)
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):
         raise UsageError(f"--seeds {args.seeds}: name seeds as comma-separated whole numbers, e.g. 0,1,2")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any(v not in VARIANTS for v in variants):
         raise UsageError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)}")
-    runtime.parse_args(gvm.Args, split(args.gvm_extra, "--gvm-extra"))  # a bad flag stops here, before any run
-    runtime.parse_args(loop.RLArgs, rl_flags(args))
+    cli.parse_args(gvm.Args, split(args.gvm_extra, "--gvm-extra"))  # a bad flag stops here, before any run
+    cli.parse_args(dvpo.Args, rl_flags(args))
+    if args.ppo:
+        cli.parse_args(ppo_baseline.Args, rl_flags(args))
     path = args.json or os.path.join(args.root, "sweep.json")
-    runtime.check_writable(args.root, "--root")
-    runtime.check_output_file(path, "--json")
+    checkpoint.check_writable(args.root, "--root")
+    checkpoint.check_output_file(path, "--json")
     world.ensure_world()
     os.makedirs(args.root, exist_ok=True)
     t0 = time.time()
@@ -186,14 +188,14 @@ def sweep(args: Args):
     res["table"] = report(res, args)
     res.update(args=asdict(args), wall_seconds=time.time() - t0)
     print("\n" + res["table"])
-    runtime.write_json(path, res)
+    checkpoint.write_json(path, res)
     print(f"\nwrote {path}")
     return res
 
 
 def main(argv=None):
-    args = runtime.parse_args(Args, argv, __doc__)
-    runtime.run_main(lambda: sweep(args))
+    args = cli.parse_args(Args, argv, __doc__)
+    cli.run_main(lambda: sweep(args))
 
 
 if __name__ == "__main__":

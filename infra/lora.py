@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from runtime import UsageError
+from infra.cli import UsageError
 
 ADAPTER_DIR = "adapter"
 

@@ -11,8 +11,8 @@ paper's IMDB setup, docs/DVPO.md §6):
   pairs      two SFT samples per prompt, labelled by Bradley–Terry sampling on the gold score, optionally
              with a fraction of labels flipped (ckpt/data/pairs_*.jsonl: prompt / chosen / rejected).
 
-    python world.py                      # build into ckpt/ (any script also does this on first use)
-    python world.py --label-flip 0.25    # AlpacaFarm-style label noise
+    python -m infra.world                      # build into ckpt/ (any script also does this on first use)
+    python -m infra.world --label-flip 0.25    # AlpacaFarm-style label noise
 """
 import dataclasses
 import functools
@@ -27,10 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-import data
-import distributed
-import runtime
-from runtime import arg, parse_args, run_main
+from infra import checkpoint, cli, distributed, models
+from infra.cli import arg, parse_args, run_main
 
 ROOT = "ckpt"
 SFT_DIR = os.path.join(ROOT, "sft")
@@ -228,7 +226,7 @@ def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.sft_steps) / cfg.sft_steps))))
     model.train()
     loss = torch.tensor(0.0)
-    for _ in runtime.progress(range(cfg.sft_steps), "world: SFT policy", progress, lambda: f"loss {loss.item():.3f}"):
+    for _ in cli.progress(range(cfg.sft_steps), "world: SFT policy", progress, lambda: f"loss {loss.item():.3f}"):
         texts = [grammar.review() + f" {EOS}" for _ in range(cfg.sft_batch)]
         enc = tok(texts, padding=True, return_tensors="pt", padding_side="right")
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -244,13 +242,13 @@ def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
 
 @torch.no_grad()
 def sample_responses(model, tok, prompts, max_new_tokens, batch_size, progress=True, desc="sampling"):
-    """One response per prompt, sampled as the trainers sample (data.sample: temperature 1, no other logits
+    """One response per prompt, sampled as the trainers sample (models.sample: temperature 1, no other logits
     processor). Returns (texts, ended_with_eos); a text continues its prompt, leading space included."""
     texts, ended = [], []
-    for i in runtime.progress(range(0, len(prompts), batch_size), desc, progress):
+    for i in cli.progress(range(0, len(prompts), batch_size), desc, progress):
         enc = tok(prompts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="left")
-        response = data.sample(model, tok, enc.input_ids, enc.attention_mask, max_new_tokens)[:, enc.input_ids.shape[1]:]
-        texts += data.continuations(tok, enc.input_ids, response)  # generate pads a finished response
+        response = models.sample(model, tok, enc.input_ids, enc.attention_mask, max_new_tokens)[:, enc.input_ids.shape[1]:]
+        texts += models.continuations(tok, enc.input_ids, response)  # generate pads a finished response
         ended += (response == tok.eos_token_id).any(1).tolist()
     return texts, ended
 
@@ -282,11 +280,11 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     """Build the whole world into root/sft and root/data, atomically (temp folder, then rename)."""
     cfg = cfg or WorldConfig()
     if cfg.hidden % cfg.heads:
-        raise runtime.UsageError(f"--heads {cfg.heads} does not divide --hidden {cfg.hidden}")
+        raise cli.UsageError(f"--heads {cfg.heads} does not divide --hidden {cfg.hidden}")
     for name, mine in (("sft", "config.json"), ("data", MARKER)):  # never replace what a world build did not write
         folder = os.path.join(root, name)
         if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, mine)):
-            raise runtime.UsageError(f"{folder}: exists and is not a world's {name} folder (no {mine}); "
+            raise cli.UsageError(f"{folder}: exists and is not a world's {name} folder (no {mine}); "
                                      "build the world in another folder")
     t0 = time.time()
     print(f"building the embedded world into {root}/ (seed {cfg.seed}): corpus, tokenizer, SFT policy, "
@@ -335,7 +333,7 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     }
 
     os.makedirs(root, exist_ok=True)
-    tmp = runtime.make_tmp_dir(root, "world")
+    tmp = checkpoint.make_tmp_dir(root, "world")
     try:
         model.save_pretrained(os.path.join(tmp, "sft"))
         tok.save_pretrained(os.path.join(tmp, "sft"))
@@ -379,8 +377,8 @@ def main(argv=None):
     cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
 
     def build():
-        runtime.check_args(args)
-        runtime.check_writable(args.out, "--out")
+        cli.check_args(args)
+        checkpoint.check_writable(args.out, "--out")
         print(json.dumps(build_world(args.out, cfg), indent=2))
 
     run_main(build)
