@@ -9,6 +9,7 @@ checkpoints, --resume and every knob are the RL scripts'; the loop is its own (o
     python dpo_baseline.py                     # the world's pairs, 3 epochs, into ckpt/dpo
     python dpo_baseline.py --beta 0.3 --epochs 1
 """
+
 import math
 import random
 import time
@@ -26,9 +27,20 @@ from infra.flags import PolicyFlags, check_policy_flags
 
 @dataclass
 class Args(PolicyFlags):
-    data: str = arg(world.PAIRS_TRAIN, "preference pairs in any shape infra/data.py reads (the GVM's and the reward model's default)")
-    eval_data: str = arg("", "held-out pairs for the implicit reward's accuracy; empty: the world's held-out pairs for the default --data, else none")
-    max_len: int = arg(512, "pairs with a prompt + response longer than this (or than the model's positions) are dropped, with a count", ">= 2")
+    data: str = arg(
+        world.PAIRS_TRAIN,
+        "preference pairs in any shape infra/data.py reads (the GVM's and the reward model's default)",
+    )
+    eval_data: str = arg(
+        "",
+        "held-out pairs for the implicit reward's accuracy; empty: the world's held-out pairs for the default "
+        "--data, else none",
+    )
+    max_len: int = arg(
+        512,
+        "pairs with a prompt + response longer than this (or than the model's positions) are dropped, with a count",
+        ">= 2",
+    )
     beta: float = arg(0.1, "DPO's beta: the strength of the implicit KL constraint", "> 0")
     epochs: int = arg(3, "passes over the pairs", ">= 1")
     batch_size: int = arg(32, "pairs per optimizer step", ">= 1")
@@ -62,7 +74,7 @@ def dpo_step(policy, ref, tok, opt, prec, samples, args):
     opt.zero_grad(set_to_none=True)
     stats = {}
     for i in range(0, len(samples), micro):
-        part = samples[i:i + micro]
+        part = samples[i : i + micro]
         with prec.autocast():
             with torch.no_grad():
                 ref_logp = sequence_logprobs(ref, tok, part, args.logprob_chunk)
@@ -70,9 +82,13 @@ def dpo_step(policy, ref, tok, opt, prec, samples, args):
             loss, chosen, rejected = dpo_loss(logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2], args.beta)
         share = len(part) / len(samples)
         prec.backward(loss * share)
-        for k, v in {"loss/dpo": loss.detach(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                     "rewards/accuracy": (chosen > rejected).float().mean(),
-                     "rewards/margin": (chosen - rejected).mean()}.items():
+        for k, v in {
+            "loss/dpo": loss.detach(),
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/accuracy": (chosen > rejected).float().mean(),
+            "rewards/margin": (chosen - rejected).mean(),
+        }.items():
             stats[k] = stats.get(k, 0.0) + float(v) * share
     norm = prec.step(opt, [p for p in policy.parameters() if p.requires_grad], args.max_grad_norm)
     return {**stats, "policy/grad_norm": float(norm), **prec.loss_scale("policy")}
@@ -83,9 +99,11 @@ def implicit_accuracy(policy, ref, tok, samples, args, prec):
     """Held-out fraction of pairs whose implicit reward ranks chosen above rejected (ties count half)."""
     hits, size = [], 2 * (args.micro_batch_size or 16)  # samples per forward: whole pairs
     for i in range(0, len(samples), size):
-        part = samples[i:i + size]
+        part = samples[i : i + size]
         with prec.autocast():
-            margin = sequence_logprobs(policy, tok, part, args.logprob_chunk) - sequence_logprobs(ref, tok, part, args.logprob_chunk)
+            margin = sequence_logprobs(policy, tok, part, args.logprob_chunk) - sequence_logprobs(
+                ref, tok, part, args.logprob_chunk
+            )
         hits += ((margin[0::2] > margin[1::2]).float() + 0.5 * (margin[0::2] == margin[1::2]).float()).tolist()
     return sum(hits) / len(hits)
 
@@ -97,18 +115,41 @@ def train(args: Args):
     device = cli.pick_device(args.device)
     prec = precision.Precision(args.dtype, device)
     cli.seed_everything(args.seed)
-    if world.SFT_DIR in (args.policy, args.ref) or args.data == world.PAIRS_TRAIN or args.eval_prompts == world.PROMPTS_EVAL:
+    if (
+        world.SFT_DIR in (args.policy, args.ref)
+        or args.data == world.PAIRS_TRAIN
+        or args.eval_prompts == world.PROMPTS_EVAL
+    ):
         world.ensure_world()
     train_rows = data.load_pairs(args.data, args.split, "--data", args.strict)
     eval_data = args.eval_data or (world.PAIRS_EVAL if args.data == world.PAIRS_TRAIN else "")
-    eval_rows = data.load_pairs(eval_data, args.eval_split or args.split, "--eval-data", args.strict) if eval_data else []
+    eval_rows = (
+        data.load_pairs(eval_data, args.eval_split or args.split, "--eval-data", args.strict) if eval_data else []
+    )
     tok, positions = models.load_tokenizer(args.policy), models.position_limit(args.policy)
-    samples = gvm.pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len, args.strict, positions)
-    held = gvm.pair_samples(eval_rows, tok, args.max_len, f"--eval-data {eval_data}", args.max_prompt_len, args.strict,
-                            positions) if eval_rows else []
-    eval_prompts = data.load_prompts(args.eval_prompts, args.eval_split or args.split, "--eval-prompts", tok,
-                                     args.max_prompt_len, args.strict, (positions, args.max_new_tokens))[:args.eval_n] \
-        if args.eval_prompts else []
+    samples = gvm.pair_samples(
+        train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len, args.strict, positions
+    )
+    held = (
+        gvm.pair_samples(
+            eval_rows, tok, args.max_len, f"--eval-data {eval_data}", args.max_prompt_len, args.strict, positions
+        )
+        if eval_rows
+        else []
+    )
+    eval_prompts = (
+        data.load_prompts(
+            args.eval_prompts,
+            args.eval_split or args.split,
+            "--eval-prompts",
+            tok,
+            args.max_prompt_len,
+            args.strict,
+            (positions, args.max_new_tokens),
+        )[: args.eval_n]
+        if args.eval_prompts
+        else []
+    )
     policy, ref = models.load_policy_and_reference(args, tok, device, prec)
     opt = precision.make_optimizer(policy.parameters(), args.lr, args.optim)
     probe = memory.Probe(device, models=(policy, ref), optimizers=(opt,))
@@ -121,8 +162,11 @@ def train(args: Args):
         opt.load_state_dict(st["optimizer"])
         prec.scaler.load_state_dict(st["scaler"])
         records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
-    print(f"dpo: beta={args.beta}, {len(samples) // 2} pairs, {args.epochs} epochs = {total} steps of {args.batch_size} "
-          f"pairs on {device} ({args.dtype})" + (f", resumed at step {start}" if start else ""), flush=True)
+    print(
+        f"dpo: beta={args.beta}, {len(samples) // 2} pairs, {args.epochs} epochs = {total} steps of {args.batch_size} "
+        f"pairs on {device} ({args.dtype})" + (f", resumed at step {start}" if start else ""),
+        flush=True,
+    )
     t0 = time.time() - elapsed
 
     def evaluate(step):
@@ -134,14 +178,31 @@ def train(args: Args):
             ev["eval/rewards_accuracy"] = implicit_accuracy(policy, ref, tok, held, args, prec)
         if ev:
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
-            print(f"eval step {step} | " + " | ".join(([report.eval_text(ev)] if "eval/kl" in ev else []) +
-                                                       ([f"pair accuracy {ev['eval/rewards_accuracy']:.3f}"] if held else [])), flush=True)
+            print(
+                f"eval step {step} | "
+                + " | ".join(
+                    ([report.eval_text(ev)] if "eval/kl" in ev else [])
+                    + ([f"pair accuracy {ev['eval/rewards_accuracy']:.3f}"] if held else [])
+                ),
+                flush=True,
+            )
 
     def save(step, with_state):
-        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0, "device": str(device),
-                   "args": asdict(args), **memory.parameter_counts(policy, ref)}
-        state = checkpoint.trainer_state("dpo", step, records, ev, time.time() - t0, optimizer=opt.state_dict(),
-                                         scaler=prec.scaler.state_dict()) if with_state else None
+        summary = {
+            **ev,
+            "train/steps": step,
+            "time/wall_seconds": time.time() - t0,
+            "device": str(device),
+            "args": asdict(args),
+            **memory.parameter_counts(policy, ref),
+        }
+        state = (
+            checkpoint.trainer_state(
+                "dpo", step, records, ev, time.time() - t0, optimizer=opt.state_dict(), scaler=prec.scaler.state_dict()
+            )
+            if with_state
+            else None
+        )
         checkpoint.save_run(args.out, summary, policy, tok, records, state)
         return summary
 
@@ -151,22 +212,32 @@ def train(args: Args):
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(samples) // 2))
         random.Random(args.seed * 1000 + epoch).shuffle(order)
-        batch = [s for j in order[i * args.batch_size:(i + 1) * args.batch_size] for s in samples[2 * j:2 * j + 2]]
+        batch = [s for j in order[i * args.batch_size : (i + 1) * args.batch_size] for s in samples[2 * j : 2 * j + 2]]
         with probe.phase("update"):
             m = dpo_step(policy, ref, tok, opt, prec, batch, args)
         opt.zero_grad(set_to_none=True)
         m.update(probe.pop())
-        records.append({"step": step + 1, **m, "train/epoch": (step + 1) / steps_per_epoch, "time/elapsed": time.time() - t0})
-        print(f"step {step + 1}/{total} | loss {m['loss/dpo']:.4f} | margin {m['rewards/margin']:+.3f} | "
-              f"accuracy {m['rewards/accuracy']:.2f} | {m['time/update']:.2f}s", flush=True)
+        records.append(
+            {"step": step + 1, **m, "train/epoch": (step + 1) / steps_per_epoch, "time/elapsed": time.time() - t0}
+        )
+        print(
+            f"step {step + 1}/{total} | loss {m['loss/dpo']:.4f} | margin {m['rewards/margin']:+.3f} | "
+            f"accuracy {m['rewards/accuracy']:.2f} | {m['time/update']:.2f}s",
+            flush=True,
+        )
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             evaluate(step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save(step + 1, with_state=True)
     summary = save(total, with_state=args.save_every > 0)
     gold = report.gold_text(ev, "eval/gold", "eval/gold_ci95")
-    print(f"saved {args.out}" + (f": held-out gold {gold}" if gold else "") + (f", KL {ev['eval/kl']:.2f}" if "eval/kl" in ev else "")
-          + f", {summary['time/wall_seconds']:.0f}s", flush=True)
+    print(
+        f"saved {args.out}"
+        + (f": held-out gold {gold}" if gold else "")
+        + (f", KL {ev['eval/kl']:.2f}" if "eval/kl" in ev else "")
+        + f", {summary['time/wall_seconds']:.0f}s",
+        flush=True,
+    )
     return summary
 
 

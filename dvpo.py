@@ -7,6 +7,7 @@ No reward model, no critic training: three models in memory, one of them trained
     python dvpo.py --gvm ckpt/gvm
     python dvpo.py --gvm ckpt/gvm --advantage released --lam 1.0    # the authors' code: the GVM is a pure baseline
 """
+
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +30,9 @@ class Args(RLFlags):
     advantage: str = arg("delta", "released | delta | static: how GVM values become advantages (docs/DVPO.md §3)")
     lam: float = arg(0.95, "GAE lambda", "[0, 1]")
     gamma: float = arg(1.0, "discount", "(0, 1]")
-    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive", ">= 0")
+    kl_coef: float = arg(
+        0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive", ">= 0"
+    )
     adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
     target_kl: float = arg(6.0, "adaptive KL target, nats per sequence", "> 0")
     kl_horizon: int = arg(10000, "adaptive KL horizon, in samples", ">= 1")
@@ -42,7 +45,9 @@ class Args(RLFlags):
     max_grad_norm: float = arg(1.0, "gradient-norm clip", "> 0")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)", "> 0")
     max_new_tokens: int = arg(48, "sampling budget per response", ">= 1")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)", ">= 0")
+    missing_eos_penalty: float = arg(
+        0.0, "subtracted from the last token's reward of a response without EOS (§5.2)", ">= 0"
+    )
     out: str = arg("ckpt/dvpo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
 
 
@@ -96,6 +101,19 @@ def compute_advantages(variant, values, smask, rewards, gamma, lam):
     return adv * amask
 
 
+@torch.no_grad()
+def gvm_advantages(value_model, r, rewards, args):
+    """A rollout's advantages before whitening, and V(s_T) of each response: the frozen GVM's values
+    V(s_0 .. s_R), read at positions P-1 .. P-1+R (§2), through compute_advantages; for --advantage released
+    each sequence's values whitened first, as the authors' code does (§3)."""
+    full = rollout.in_chunks(lambda x: value_model(x.input_ids, x.attention_mask), r, args.forward_batch_size)
+    values = full[:, r.prompt_len - 1 :]
+    score = rollout.final_value(values, r.response_mask)
+    if args.advantage == "released":
+        values = whiten_each_sequence(full, r.attention_mask)[:, r.prompt_len - 1 :]
+    return compute_advantages(args.advantage, values, rollout.state_mask(r), rewards, args.gamma, args.lam), score
+
+
 def clipped_policy_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
     """The clipped surrogate: sum over response tokens of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) / n,
     rho = pi / pi_old. n defaults to the token count (the mean); a micro-batch passes its minibatch's count."""
@@ -103,10 +121,12 @@ def clipped_policy_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
     ratio = torch.exp(new_logp - old_logp)
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
     with torch.no_grad():  # statistics keep no graph (and save no tensors the memory probe would count)
-        stats = {"policy/clipfrac": (((ratio - 1).abs() > cliprange).float() * mask).sum() / n,
-                 "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
-                 "val/ratio": (ratio * mask).sum() / n,
-                 "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
+        stats = {
+            "policy/clipfrac": (((ratio - 1).abs() > cliprange).float() * mask).sum() / n,
+            "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
+            "val/ratio": (ratio * mask).sum() / n,
+            "val/ratio_max_dev": ((ratio - 1).abs() * mask).max(),
+        }
     return (loss * mask).sum() / n, stats
 
 
@@ -126,15 +146,23 @@ def ppo_epochs(policy, opt, prec, r, old_logp, adv, plans, args):
             for micro in rollout.micro_batches(len(idx), args.micro_batch_size):
                 x, rows = mb.index(micro), idx[micro]
                 with prec.autocast():
-                    new_logp, entropy = rollout.response_logprobs(policy, x, args.temperature, with_entropy=True,
-                                                                  chunk=args.logprob_chunk)
-                    loss, s = clipped_policy_loss(new_logp, old_logp[rows], adv[rows], x.response_mask, args.cliprange, n)
+                    new_logp, entropy = rollout.response_logprobs(
+                        policy, x, args.temperature, with_entropy=True, chunk=args.logprob_chunk
+                    )
+                    loss, s = clipped_policy_loss(
+                        new_logp, old_logp[rows], adv[rows], x.response_mask, args.cliprange, n
+                    )
                     s = {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * x.response_mask).sum() / n}
                 prec.backward(loss)
                 rollout.accumulate(total, s)
             grad_norm = prec.step(opt, policy.parameters(), args.max_grad_norm)
-            stats.append({**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm),
-                          **prec.loss_scale("policy")})
+            stats.append(
+                {
+                    **{k: float(v) for k, v in total.items()},
+                    "policy/grad_norm": float(grad_norm),
+                    **prec.loss_scale("policy"),
+                }
+            )
     for s, top in zip(stats, distributed.max_over_ranks([s["val/ratio_max_dev"] for s in stats])):
         s["val/ratio_max_dev"] = top  # each minibatch's largest |ratio - 1| over all ranks' rows
     out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
@@ -184,20 +212,25 @@ def train(args: Args):
         gen.set_state(st["generator"])
         records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
 
-    def save(step, resumable):
-        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0,
-                   **memory.parameter_counts(policy, ref, value_model), "device": str(device),
-                   "processes": distributed.world(), "args": asdict(args)}
-        state = checkpoint.trainer_state(
-            "dvpo", step, records, ev, time.time() - t0, optimizer=distributed.optimizer_state(trained, opt),
-            scaler=prec.scaler.state_dict(), kl_coef=kl_ctl.beta, sampler=sampler.state_dict(),
-            generator=gen.get_state()) if resumable else None
+    def save(step, resumable):  # --out, atomically: the policy, metrics.jsonl, summary.json (and what --resume reads)
+        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0, "device": str(device)}
+        summary.update(
+            memory.parameter_counts(policy, ref, value_model), processes=distributed.world(), args=asdict(args)
+        )
+        state = None
+        if resumable:  # every state the next step reads, on every rank
+            resume = {"optimizer": distributed.optimizer_state(trained, opt), "scaler": prec.scaler.state_dict()}
+            resume.update(kl_coef=kl_ctl.beta, sampler=sampler.state_dict(), generator=gen.get_state())
+            state = checkpoint.trainer_state("dvpo", step, records, ev, time.time() - t0, **resume)
         checkpoint.save_run(args.out, summary, policy, tok, records, state)
         return summary
 
-    print(f"dvpo: frozen GVM, advantage={args.advantage}, lam={args.lam} beta={args.kl_coef}"
-          f"{' (adaptive)' if args.adaptive_kl else ''}, {args.steps} steps of {args.batch_size} prompts on {device} "
-          f"({args.dtype}), {len(prompts)} prompts" + (f", resumed at step {start}" if start else ""), flush=True)
+    print(
+        f"dvpo: frozen GVM, advantage={args.advantage}, lam={args.lam} beta={args.kl_coef}"
+        f"{' (adaptive)' if args.adaptive_kl else ''}, {args.steps} steps of {args.batch_size} prompts on {device} "
+        f"({args.dtype}), {len(prompts)} prompts" + (f", resumed at step {start}" if start else ""),
+        flush=True,
+    )
     t0 = time.time() - elapsed
     for step in tqdm(range(start, args.steps + 1), desc="dvpo", leave=False, disable=not distributed.is_main() or None):
         if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not heldout.done(records, step):
@@ -211,34 +244,36 @@ def train(args: Args):
         # 1. sample: this rank's share of the batch's prompts, one response each from the policy itself (§3)
         batch = [prompts[i] for i in distributed.my_share(sampler.take(args.batch_size))]
         with probe.phase("generate"), prec.autocast():
-            r = rollout.generate(policy, tok, [p for p, _ in batch], args.max_new_tokens, args.temperature,
-                                 ids=[ids for _, ids in batch], chunk=args.forward_batch_size)
+            texts, ids = zip(*batch)
+            r = rollout.generate(
+                policy, tok, texts, args.max_new_tokens, args.temperature, ids=ids, chunk=args.forward_batch_size
+            )
         with probe.phase("score"), torch.no_grad():
             # 2. old and reference log-probs; the old ones on exactly the first epoch's micro-batches, so the
             # first minibatch's ratio is exactly 1 (§5.4)
-            plans = rollout.minibatches(args.batch_size, args.minibatch_size, args.ppo_epochs, gen,
-                                        distributed.world(), distributed.rank())
+            plans = rollout.minibatches(
+                args.batch_size, args.minibatch_size, args.ppo_epochs, gen, distributed.world(), distributed.rank()
+            )
             old_logp = torch.zeros_like(r.response_mask)
             for idx in plans[0]:
                 for micro in idx.split(args.micro_batch_size or len(idx)):
                     with prec.autocast():
-                        old_logp[micro] = rollout.response_logprobs(policy, r.index(micro), args.temperature,
-                                                                    chunk=args.logprob_chunk)
+                        old_logp[micro] = rollout.response_logprobs(
+                            policy, r.index(micro), args.temperature, chunk=args.logprob_chunk
+                        )
             with prec.autocast():
-                ref_logp = rollout.in_chunks(lambda x: rollout.response_logprobs(
-                    ref, x, args.temperature, chunk=args.logprob_chunk), r, args.forward_batch_size)
+                ref_logp = rollout.in_chunks(
+                    lambda x: rollout.response_logprobs(ref, x, args.temperature, chunk=args.logprob_chunk),
+                    r,
+                    args.forward_batch_size,
+                )
             # 3. per-token KL-penalty rewards r_t = -beta * (log pi - log pi_ref) (§3)
             kl = rollout.kl_k1(old_logp, ref_logp) * r.response_mask
             rewards = kl_rewards(kl, r.response_mask, r.ended, kl_ctl.beta, args.missing_eos_penalty)
             with prec.autocast():
-                # 4. frozen-GVM values V(s_0 .. s_R); V(s_T), the value of the complete response, is logged
-                full = rollout.in_chunks(lambda x: value_model(x.input_ids, x.attention_mask), r, args.forward_batch_size)
-                values = full[:, r.prompt_len - 1:]
-                score = rollout.final_value(values, r.response_mask)
-                if args.advantage == "released":
-                    values = whiten_each_sequence(full, r.attention_mask)[:, r.prompt_len - 1:]
-                # 5. advantages, whitened over the global batch (the moments summed over every rank's share)
-                adv = compute_advantages(args.advantage, values, rollout.state_mask(r), rewards, args.gamma, args.lam)
+                # 4. frozen-GVM values and 5. advantages (gvm_advantages, above), whitened over the global batch
+                # (the moments summed over every rank's share); V(s_T), the complete response's value, is logged
+                adv, score = gvm_advantages(value_model, r, rewards, args)
                 adv = rollout.masked_whiten(adv, r.response_mask, total=distributed.all_reduce)
         # 6. PPO epochs of the clipped objective, micro-batches accumulated into each minibatch's step
         with probe.phase("update"):
@@ -247,14 +282,24 @@ def train(args: Args):
 
         # 7. log (every number the global batch's), evaluate (above), checkpoint
         gold = world.gold_scores(r.texts) if use_gold else None
-        m = distributed.mean_over_ranks({  # each rank's share is equal, so the mean of means is the batch's
-            "objective/kl": kl.sum(1).mean().item(), **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
-            "objective/gvm_value": score.mean().item(),
-            "objective/kl_k3": (rollout.kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
-            "objective/length": r.response_mask.sum(1).mean().item(), "objective/eos_rate": r.ended.float().mean().item()})
+        m = distributed.mean_over_ranks(
+            {  # each rank's share is equal, so the mean of means is the batch's
+                "objective/kl": kl.sum(1).mean().item(),
+                **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
+                "objective/gvm_value": score.mean().item(),
+                "objective/kl_k3": (rollout.kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
+                "objective/length": r.response_mask.sum(1).mean().item(),
+                "objective/eos_rate": r.ended.float().mean().item(),
+            }
+        )
         probed = probe.pop()  # memory and time of the rank that needed most
-        m = {**m, "objective/kl_coef": kl_ctl.beta, **stats, **distributed.mean_over_ranks(probed, maxima=probed),
-             "time/elapsed": time.time() - t0}
+        m = {
+            **m,
+            "objective/kl_coef": kl_ctl.beta,
+            **stats,
+            **distributed.mean_over_ranks(probed, maxima=probed),
+            "time/elapsed": time.time() - t0,
+        }
         records.append({"step": step + 1, **m})
         if args.adaptive_kl:
             kl_ctl.update(m["objective/kl"], args.batch_size)

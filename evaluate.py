@@ -8,6 +8,7 @@ gets KL 0 and win rate 0.5 exactly.
     python evaluate.py ckpt/sft ckpt/dvpo
     python evaluate.py ckpt/sft ckpt/dvpo --gvm ckpt/gvm --json ckpt/eval.json
 """
+
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -23,23 +24,30 @@ from infra.heldout import mean_ci, score_policy
 
 @dataclass
 class Args(DataFlags, RunFlags):
-    policies: list = field(default_factory=list, metadata={
-        "nargs": "*", "help": "policy folders or hub names; the first is the baseline"})
+    policies: list = field(
+        default_factory=list, metadata={"nargs": "*", "help": "policy folders or hub names; the first is the baseline"}
+    )
     ref: str = arg("", "reference policy for the KL; empty: the first policy")
-    prompts: str = arg(world.PROMPTS_EVAL, "held-out prompts, any shape infra/data.py reads; the default is the world's")
+    prompts: str = arg(
+        world.PROMPTS_EVAL, "held-out prompts, any shape infra/data.py reads; the default is the world's"
+    )
     n_prompts: int = arg(0, "use only the first N prompts (0: all)", ">= 0")
     samples_per_prompt: int = arg(1, "responses sampled per prompt", ">= 1")
     batch_size: int = arg(250, "prompts per generate() call", ">= 1")
     max_new_tokens: int = arg(48, "sampling budget per response", ">= 1")
     temperature: float = arg(1.0, "sampling temperature (log-probs and KL use the same temperature)", "> 0")
     gvm: str = arg("", "a GVM checkpoint: report its held-out pairwise accuracy and print per-token values")
-    pairs: str = arg("", "held-out preference pairs for --gvm's accuracy; empty: the held-out pairs of the world the GVM was trained on, if it was")
+    pairs: str = arg(
+        "",
+        "held-out preference pairs for --gvm's accuracy; empty: the held-out pairs of the world the GVM was "
+        "trained on, if it was",
+    )
     show_values: int = arg(3, "with --gvm: responses of the last policy printed token by token with V(s_t)", ">= 0")
     json: str = arg("", "also write the results to this JSON file")
 
 
 def distinct_n(texts, n=2):
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    grams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / max(1, len(grams))
 
 
@@ -52,9 +60,18 @@ def summarize(name, s, base, prompts=None):
     grammar could have written: fluency, which the gold judge does not check."""
     gold, ci = mean_ci(s["gold"])
     kl, kl_ci = mean_ci(s["kl"])
-    row = {"policy": name, "gold": gold, "gold_ci95": ci, "kl": kl, "kl_ci95": kl_ci,
-           "win_rate": win_rate(s["gold"], base["gold"]), "length": sum(s["length"]) / len(s["length"]),
-           "eos_rate": sum(s["ended"]) / len(s["ended"]), "distinct2": distinct_n(s["texts"]), "n": len(s["gold"])}
+    row = {
+        "policy": name,
+        "gold": gold,
+        "gold_ci95": ci,
+        "kl": kl,
+        "kl_ci95": kl_ci,
+        "win_rate": win_rate(s["gold"], base["gold"]),
+        "length": sum(s["length"]) / len(s["length"]),
+        "eos_rate": sum(s["ended"]) / len(s["ended"]),
+        "distinct2": distinct_n(s["texts"]),
+        "n": len(s["gold"]),
+    }
     if s["value"]:
         row["gvm_value"] = sum(s["value"]) / len(s["value"])
     if prompts is not None:
@@ -64,12 +81,17 @@ def summarize(name, s, base, prompts=None):
 
 def markdown_table(rows):
     extra = [(k, title) for k, title in (("grammatical", "grammatical"), ("gvm_value", "GVM V(s_T)")) if k in rows[0]]
-    lines = ["| policy | gold (95% CI) | KL vs ref, nats/seq | win rate vs first | length | EOS rate | distinct-2 |"
-             + "".join(f" {title} |" for _, title in extra), "| --- " * (7 + len(extra)) + "|"]
+    lines = [
+        "| policy | gold (95% CI) | KL vs ref, nats/seq | win rate vs first | length | EOS rate | distinct-2 |"
+        + "".join(f" {title} |" for _, title in extra),
+        "| --- " * (7 + len(extra)) + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['gold']:+.3f} ± {r['gold_ci95']:.3f} | {r['kl']:.2f} ± {r['kl_ci95']:.2f} "
-                     f"| {r['win_rate']:.3f} | {r['length']:.1f} | {r['eos_rate']:.3f} | {r['distinct2']:.3f} |"
-                     + "".join(f" {r[k]:+.3f} |" if k == "gvm_value" else f" {r[k]:.3f} |" for k, _ in extra))
+        lines.append(
+            f"| {r['policy']} | {r['gold']:+.3f} ± {r['gold_ci95']:.3f} | {r['kl']:.2f} ± {r['kl_ci95']:.2f} "
+            f"| {r['win_rate']:.3f} | {r['length']:.1f} | {r['eos_rate']:.3f} | {r['distinct2']:.3f} |"
+            + "".join(f" {r[k]:+.3f} |" if k == "gvm_value" else f" {r[k]:.3f} |" for k, _ in extra)
+        )
     return "\n".join(lines)
 
 
@@ -78,7 +100,7 @@ def print_token_values(value_model, tok, prompts, texts, k):
     for prompt, text in list(zip(prompts, texts))[:k]:
         p, r = data.prompt_ids(tok, prompt), data.response_ids(tok, text)
         ids = torch.tensor([p + r], device=next(value_model.parameters()).device)
-        v = value_model(ids, torch.ones_like(ids))[0, len(p) - 1:].tolist()
+        v = value_model(ids, torch.ones_like(ids))[0, len(p) - 1 :].tolist()
         print(f"\n{data.show(prompt)!r} -> {text!r}\n  {'(prompt)':>12} V(s_0) = {v[0]:+.3f}")
         for t, tid in enumerate(r):
             print(f"  {tok.convert_ids_to_tokens(tid):>12} V = {v[t + 1]:+.3f}  ({v[t + 1] - v[t]:+.3f})")
@@ -108,9 +130,16 @@ def run(args: Args):
     positions = models.position_limit(first, "--ref" if args.ref else "policy")
     if positions and args.max_new_tokens >= positions:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: {first} has only {positions} positions")
-    prompts = data.load_prompts(args.prompts, args.split, "--prompts", ref_tok, args.max_prompt_len, args.strict,
-                                (positions, args.max_new_tokens))
-    prompts = (prompts[:args.n_prompts] if args.n_prompts else prompts) * args.samples_per_prompt
+    prompts = data.load_prompts(
+        args.prompts,
+        args.split,
+        "--prompts",
+        ref_tok,
+        args.max_prompt_len,
+        args.strict,
+        (positions, args.max_new_tokens),
+    )
+    prompts = (prompts[: args.n_prompts] if args.n_prompts else prompts) * args.samples_per_prompt
     value_model, samples = None, []
     if args.gvm:
         meta = gvm.read_meta(args.gvm)
@@ -118,8 +147,15 @@ def run(args: Args):
         pairs_path = gvm_pairs(args, meta)
         if pairs_path:
             pairs = data.load_pairs(pairs_path, args.eval_split or args.split, "--pairs", args.strict)
-            samples = gvm.pair_samples(pairs, ref_tok, 10 ** 9, f"--pairs {pairs_path}", args.max_prompt_len,
-                                       args.strict, models.position_limit(args.gvm, "--gvm"))
+            samples = gvm.pair_samples(
+                pairs,
+                ref_tok,
+                10**9,
+                f"--pairs {pairs_path}",
+                args.max_prompt_len,
+                args.strict,
+                models.position_limit(args.gvm, "--gvm"),
+            )
         value_model = gvm.load_value_model(args.gvm, device)[0].eval()
     ref = models.load_model(first, ref_tok, "--ref" if args.ref else "policy").to(device).eval()
     results, scored = [], {}
@@ -129,25 +165,41 @@ def run(args: Args):
             raise UsageError(f"policy {name}: its tokenizer differs from the reference's; KL needs shared token ids")
         policy = models.load_model(name, tok, "policy").to(device).eval()
         cli.seed_everything(args.seed)
-        scored[name] = score_policy(policy, ref, tok, prompts, args.batch_size, args.max_new_tokens,
-                                    args.temperature, value_model)
-        results.append(summarize(name, scored[name], scored[args.policies[0]],
-                                 [p for p, _ in prompts] if args.prompts == world.PROMPTS_EVAL else None))
-        print(f"{name}: gold {results[-1]['gold']:+.3f} ± {results[-1]['gold_ci95']:.3f}, "
-              f"KL {results[-1]['kl']:.2f}", file=sys.stderr, flush=True)
-    print(f"\n{len(prompts)} held-out samples per policy from {args.prompts}, KL against "
-          f"{first}, temperature {args.temperature}\n")
+        scored[name] = score_policy(
+            policy, ref, tok, prompts, args.batch_size, args.max_new_tokens, args.temperature, value_model
+        )
+        results.append(
+            summarize(
+                name,
+                scored[name],
+                scored[args.policies[0]],
+                [p for p, _ in prompts] if args.prompts == world.PROMPTS_EVAL else None,
+            )
+        )
+        print(
+            f"{name}: gold {results[-1]['gold']:+.3f} ± {results[-1]['gold_ci95']:.3f}, KL {results[-1]['kl']:.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"\n{len(prompts)} held-out samples per policy from {args.prompts}, KL against "
+        f"{first}, temperature {args.temperature}\n"
+    )
     print(markdown_table(results))
     report = {"results": results, "args": asdict(args)}
     if args.gvm:
         if samples:
             acc = gvm.heldout_metrics(value_model, samples, ref_tok.pad_token_id, device)
             report["gvm"] = {"path": args.gvm, "pairs": pairs_path, **acc}
-            print(f"\nGVM {args.gvm}: held-out pairwise accuracy {acc['eval/pairwise_acc_final']:.3f} (final value), "
-                  f"{acc['eval/pairwise_acc_mean']:.3f} (mean value) on {len(samples) // 2} pairs of {pairs_path}")
+            print(
+                f"\nGVM {args.gvm}: held-out pairwise accuracy {acc['eval/pairwise_acc_final']:.3f} (final value), "
+                f"{acc['eval/pairwise_acc_mean']:.3f} (mean value) on {len(samples) // 2} pairs of {pairs_path}"
+            )
         else:
-            print(f"\nGVM {args.gvm}: no held-out pairs for its accuracy (it was not trained on a world's pairs; "
-                  "name them with --pairs)")
+            print(
+                f"\nGVM {args.gvm}: no held-out pairs for its accuracy (it was not trained on a world's pairs; "
+                "name them with --pairs)"
+            )
         last = scored[args.policies[-1]]
         print_token_values(value_model, ref_tok, [p for p, _ in prompts], last["texts"], args.show_values)
     if args.json:

@@ -8,6 +8,7 @@ regresses it on TD(lambda) return-to-go targets (gamma = 1 by default) bootstrap
     python gvm.py --lam 1.0                         # Monte Carlo: every state's target is the label
     python gvm.py --model Qwen/Qwen2.5-0.5B --data my_pairs.jsonl --out ckpt/gvm-qwen
 """
+
 import abc
 import json
 import math
@@ -26,34 +27,70 @@ from infra.flags import DataFlags, MemoryFlags, RunFlags
 from infra.precision import Precision, check_optimizer, make_optimizer
 from rollout import gae, masked_mean
 
-
 # held-out metrics a checkpoint can be selected by (README, What makes a good GVM), and whether higher is better
-SELECT = {"acc_final": True, "acc_mean": True, "margin": True, "terminal_mse": False, "value_mse": False,
-          "td_loss": False, "bt_loss": False, "ece": False}
+SELECT = {
+    "acc_final": True,
+    "acc_mean": True,
+    "margin": True,
+    "terminal_mse": False,
+    "value_mse": False,
+    "td_loss": False,
+    "bt_loss": False,
+    "ece": False,
+}
 
 
 @dataclass
 class Args(DataFlags, MemoryFlags, RunFlags):
-    model: str = arg(world.SFT_DIR, "backbone: a local folder or hub name of a causal LM; the default is the world's SFT policy")
-    data: str = arg(world.PAIRS_TRAIN, "preference pairs in any shape infra/data.py reads: json, jsonl, parquet, csv, a saved dataset folder or a hub name")
-    eval_data: str = arg("", "held-out pairs; empty: the world's held-out pairs for the default --data, else --eval-frac of --data")
-    eval_frac: float = arg(0.05, "fraction of --data held out when --eval-data is empty and --data is not the world's", "(0, 1)")
-    out: str = arg("ckpt/gvm", "output folder: backbone, head, tokenizer, value_model.json, metrics.jsonl, summary.json")
-    lam: float = arg(0.95, "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap", "[0, 1]")
+    model: str = arg(
+        world.SFT_DIR, "backbone: a local folder or hub name of a causal LM; the default is the world's SFT policy"
+    )
+    data: str = arg(
+        world.PAIRS_TRAIN,
+        "preference pairs in any shape infra/data.py reads: json, jsonl, parquet, csv, a saved dataset folder "
+        "or a hub name",
+    )
+    eval_data: str = arg(
+        "", "held-out pairs; empty: the world's held-out pairs for the default --data, else --eval-frac of --data"
+    )
+    eval_frac: float = arg(
+        0.05, "fraction of --data held out when --eval-data is empty and --data is not the world's", "(0, 1)"
+    )
+    out: str = arg(
+        "ckpt/gvm", "output folder: backbone, head, tokenizer, value_model.json, metrics.jsonl, summary.json"
+    )
+    lam: float = arg(
+        0.95,
+        "TD(lambda) of the return-to-go targets; 1 = Monte Carlo (label everywhere), 0 = one-step bootstrap",
+        "[0, 1]",
+    )
     gamma: float = arg(1.0, "discount of the return-to-go", "(0, 1]")
     epochs: int = arg(10, "passes over the training pairs", ">= 1")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)", ">= -1")
     batch_size: int = arg(32, "samples per optimizer step (a pair gives two samples)", ">= 1")
     lr: float = arg(1e-3, "AdamW learning rate, linear warmup then linear decay to 0", "> 0")
-    pair_batches: bool = arg(True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient")
+    pair_batches: bool = arg(
+        True, "keep each pair's two samples in one batch, so what they share (the prompt) cancels in the gradient"
+    )
     warmup_steps: int = arg(20, "steps of linear learning-rate warmup", ">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
-    max_len: int = arg(512, "pairs with a prompt + response longer than this many tokens (or than the model's positions) are dropped, with a count", ">= 2")
-    fsdp: bool = arg(False, "under torchrun: shard the model's parameters, gradients and AdamW state over the processes (FSDP2) instead of a full replica on each (DDP)")
+    max_len: int = arg(
+        512,
+        "pairs with a prompt + response longer than this many tokens (or than the model's positions) are "
+        "dropped, with a count",
+        ">= 2",
+    )
+    fsdp: bool = arg(
+        False,
+        "under torchrun: shard the model's parameters, gradients and AdamW state over the processes (FSDP2) "
+        "instead of a full replica on each (DDP)",
+    )
     log_every: int = arg(20, "steps between printed and logged training lines", ">= 1")
     eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)", ">= 1")
     eval_batch_size: int = arg(128, "samples per forward pass during evaluation", ">= 1")
-    select: str = arg("last", "which evaluated checkpoint to save: last, or the best by a held-out metric: " + ", ".join(SELECT))
+    select: str = arg(
+        "last", "which evaluated checkpoint to save: last, or the best by a held-out metric: " + ", ".join(SELECT)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -64,7 +101,9 @@ class ValueModel(nn.Module):
     def __init__(self, backbone, head=None, dtype=None):
         super().__init__()
         self.backbone = backbone
-        self.head = head if head is not None else nn.Linear(backbone.config.hidden_size, 1, dtype=dtype or backbone.dtype)
+        self.head = (
+            head if head is not None else nn.Linear(backbone.config.hidden_size, 1, dtype=dtype or backbone.dtype)
+        )
         if head is None:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -72,8 +111,9 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask):
         # §5.1: position ids from the mask, so left and right padding give the same values
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return self.head(hidden).squeeze(-1).float().clone()  # not a view: FSDP2 hooks a module's output for backward
 
 
@@ -89,10 +129,13 @@ def save_value_model(model, tok, folder, meta):
     """The backbone (save_pretrained), the head and value_model.json in folder. Under torchrun every rank calls
     it (a sharded model is gathered) and rank 0, whose folder is not None, writes."""
     from safetensors.torch import save_file
+
     full = distributed.full_state_dict(model)
     if folder is None:
         return
-    part = lambda prefix: None if full is None else {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}  # noqa: E731
+    part = lambda prefix: (
+        None if full is None else {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+    )  # noqa: E731
     models.save_pretrained(model.backbone, tok, folder, part("backbone."))
     head = part("head.") or model.head.state_dict()
     save_file({k: v.contiguous() for k, v in head.items()}, os.path.join(folder, HEAD_FILE))
@@ -120,6 +163,7 @@ def read_meta(folder, kind="gvm", flag="--gvm"):
 def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch.float32):
     """Load a checkpoint written by save_value_model: (ValueModel, tokenizer, meta). Later stages use this."""
     from safetensors.torch import load_file
+
     meta = read_meta(folder, kind, flag)
     backbone, tok = load_backbone(folder, flag, dtype)
     model = ValueModel(backbone)
@@ -134,8 +178,10 @@ def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch
 def check_tokenizer(meta, tok, where, policy, hint):
     """Refuse a value model whose tokenizer (vocabulary, special tokens, chat template) is not the policy's."""
     if meta.get("tokenizer_fingerprint") != models.tokenizer_fingerprint(tok):
-        raise UsageError(f"{where}: built from {meta.get('base_model')} with another tokenizer than --policy {policy}; "
-                         f"train one on this policy's backbone ({hint} {policy})")
+        raise UsageError(
+            f"{where}: built from {meta.get('base_model')} with another tokenizer than --policy {policy}; "
+            f"train one on this policy's backbone ({hint} {policy})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -153,10 +199,14 @@ def encode(tok, prompt, response, max_len, max_prompt_len=0, positions=0):
 
 def pair_samples(pairs, tok, max_len, where, max_prompt_len=0, strict=False, positions=0):
     """Two samples per (prompt, chosen, rejected): (prompt ids, response ids, label), chosen -> +1 first."""
+
     def both(pair):
         prompt, chosen, rejected = pair
-        return [(*encode(tok, prompt, chosen, max_len, max_prompt_len, positions), 1.0),
-                (*encode(tok, prompt, rejected, max_len, max_prompt_len, positions), -1.0)]
+        return [
+            (*encode(tok, prompt, chosen, max_len, max_prompt_len, positions), 1.0),
+            (*encode(tok, prompt, rejected, max_len, max_prompt_len, positions), -1.0),
+        ]
+
     return [s for two in data.encode_all(pairs, both, where, strict) for s in two]
 
 
@@ -173,11 +223,16 @@ def collate(samples, pad_id):
         n = len(p) + len(r)
         input_ids[b, :n] = torch.tensor(p + r)
         attention_mask[b, :n] = 1
-        state_pos[b, :len(r) + 1] = torch.arange(len(p) - 1, n)
-        state_mask[b, :len(r) + 1] = 1
+        state_pos[b, : len(r) + 1] = torch.arange(len(p) - 1, n)
+        state_mask[b, : len(r) + 1] = 1
     labels = torch.tensor([lab for _, _, lab in samples])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "state_pos": state_pos,
-            "state_mask": state_mask, "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "state_pos": state_pos,
+        "state_mask": state_mask,
+        "labels": labels,
+    }
 
 
 def state_values(model, batch):
@@ -234,7 +289,7 @@ def heldout_metrics(model, samples, pad_id, device, batch_size=128, gamma=1.0, l
     part, n_real = distributed.padded_share(samples, unit=2)
     final, mean, mc, td, n_states = [], [], 0.0, 0.0, 0.0
     for i in range(0, len(part), batch_size):
-        batch = {k: v.to(device) for k, v in collate(part[i:i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(part[i : i + batch_size], pad_id).items()}
         real = (torch.arange(i, i + len(batch["labels"]), device=device) < n_real).float()[:, None]  # not padding
         v = state_values(model, batch).float()
         sm = batch["state_mask"]
@@ -249,7 +304,9 @@ def heldout_metrics(model, samples, pad_id, device, batch_size=128, gamma=1.0, l
         n_states += (sm * real).sum().item()
     model.train(was_training)
     final, mean = (torch.tensor(distributed.gather_shares(torch.cat(x).tolist(), n_real)) for x in (final, mean))
-    mc, td, n_states = distributed.all_reduce(torch.tensor([mc, td, n_states], dtype=torch.float64, device=device)).tolist()
+    mc, td, n_states = distributed.all_reduce(
+        torch.tensor([mc, td, n_states], dtype=torch.float64, device=device)
+    ).tolist()
     labels = torch.tensor([s[2] for s in samples])
 
     def acc(x):
@@ -258,10 +315,16 @@ def heldout_metrics(model, samples, pad_id, device, batch_size=128, gamma=1.0, l
 
     margin = final[0::2] - final[1::2]
     n_response = n_states - len(samples)
-    return {"eval/pairwise_acc_final": acc(final), "eval/pairwise_acc_mean": acc(mean),
-            "eval/margin": margin.mean().item(), "eval/bt_loss": -torch.nn.functional.logsigmoid(margin).mean().item(),
-            "eval/terminal_mse": ((final - labels) ** 2).mean().item(), "eval/value_mse": mc / n_response,
-            "eval/td_loss": td / n_states, "eval/ece": calibration_error(final, labels)}
+    return {
+        "eval/pairwise_acc_final": acc(final),
+        "eval/pairwise_acc_mean": acc(mean),
+        "eval/margin": margin.mean().item(),
+        "eval/bt_loss": -torch.nn.functional.logsigmoid(margin).mean().item(),
+        "eval/terminal_mse": ((final - labels) ** 2).mean().item(),
+        "eval/value_mse": mc / n_response,
+        "eval/td_loss": td / n_states,
+        "eval/ece": calibration_error(final, labels),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -275,7 +338,11 @@ def load_data(args):
         held = data.load_pairs(args.eval_data, args.eval_split or args.split, "--eval-data", args.strict)
         return train, held, f"--eval-data {args.eval_data}"
     if default_data:
-        return train, data.load_pairs(world.PAIRS_EVAL, "train", "--eval-data", args.strict), f"--eval-data {world.PAIRS_EVAL}"
+        return (
+            train,
+            data.load_pairs(world.PAIRS_EVAL, "train", "--eval-data", args.strict),
+            f"--eval-data {world.PAIRS_EVAL}",
+        )
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
     n_eval = max(1, int(len(train) * args.eval_frac))
@@ -287,6 +354,7 @@ def load_data(args):
 class Objective(abc.ABC):
     """What train() fits a value model to: TDObjective (the GVM) or reward.BradleyTerry (the baselines' reward
     model). Both see the same pairs through the same loop."""
+
     kind: str  # the checkpoint's kind in value_model.json: "gvm" or "reward-model"
     pair_batches: bool  # a pair's two samples always in one batch, chosen first
 
@@ -307,6 +375,7 @@ class TDObjective(Objective):
     """The GVM's objective (§2): 1/2 MSE against TD(lambda) return-to-go targets with +-1 terminal labels.
     A pair's two samples share a batch (--pair-batches): the same loss, but its gradient along what the two
     share, the prompt, whose targets are +1 and -1, cancels within the batch instead of adding noise."""
+
     kind = "gvm"
 
     def __init__(self, args):
@@ -317,8 +386,11 @@ class TDObjective(Objective):
         # forward equal the released code's separate no-grad pass
         targets = td_lambda_targets(values, batch["state_mask"], batch["labels"], self.args.gamma, self.args.lam)
         loss = value_loss(values, targets, batch["state_mask"])
-        return loss, {"loss/value": loss.item(), "val/mean": masked_mean(values, batch["state_mask"]).item(),
-                      "val/target_mean": masked_mean(targets, batch["state_mask"]).item()}
+        return loss, {
+            "loss/value": loss.item(),
+            "val/mean": masked_mean(values, batch["state_mask"]).item(),
+            "val/target_mean": masked_mean(targets, batch["state_mask"]).item(),
+        }
 
     def weight(self, batch):
         """What the loss averages over: states."""
@@ -346,7 +418,7 @@ def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch
     over the global batch, times the number of ranks, so DDP's average of the ranks' gradients is the whole
     batch's, and so is the mean over ranks of each statistic. (statistics, gradient norm before clipping)"""
     micro = micro_batch_size or len(samples)
-    parts = [collate(samples[i:i + micro], pad_id) for i in range(0, len(samples), micro)]
+    parts = [collate(samples[i : i + micro], pad_id) for i in range(0, len(samples), micro)]
     weights = [objective.weight(b) for b in parts]
     total = distributed.all_reduce(torch.tensor(sum(weights), dtype=torch.float64, device=device)).item()
     share = [w / (total / distributed.world()) for w in weights]
@@ -391,12 +463,18 @@ def train(args: Args, objective=None):
         world.ensure_world()
     tok, positions = models.load_tokenizer(args.model, "--model"), models.position_limit(args.model, "--model")
     pad_id = tok.pad_token_id  # masked everywhere; data.load_tokenizer makes it differ from EOS
-    train_samples = pair_samples(train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len,
-                                 args.strict, positions)
+    train_samples = pair_samples(
+        train_rows, tok, args.max_len, f"--data {args.data}", args.max_prompt_len, args.strict, positions
+    )
     eval_samples = pair_samples(eval_rows, tok, args.max_len, eval_name, args.max_prompt_len, args.strict, positions)
     if args.lora_r:  # the backbone frozen in --dtype with adapters, the head trained in full and in fp32
-        backbone = lora.add_lora(models.load_model(args.model, tok, "--model", causal_lm=False, dtype=prec.dtype),
-                                 args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        backbone = lora.add_lora(
+            models.load_model(args.model, tok, "--model", causal_lm=False, dtype=prec.dtype),
+            args.lora_r,
+            args.lora_alpha,
+            args.lora_dropout,
+            args.lora_targets,
+        )
     else:
         backbone = models.load_model(args.model, tok, "--model", causal_lm=False)
     model = ValueModel(backbone, dtype=torch.float32).to(device)
@@ -414,9 +492,15 @@ def train(args: Args, objective=None):
     total = steps_per_epoch * args.epochs if args.max_steps < 0 else args.max_steps
     opt = make_optimizer(model.parameters(), args.lr, args.optim, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (total - s) / max(1, total - args.warmup_steps))))
-    print(f"{objective.kind}: {n_params:,} params ({n_trained:,} trained) on {device} ({args.dtype}), {len(train_samples) // 2} train pairs, {len(eval_samples) // 2} "
-          f"held-out pairs, {total} steps of {args.batch_size} samples, {objective.meta()}", flush=True)
+        opt,
+        lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (total - s) / max(1, total - args.warmup_steps))),
+    )
+    print(
+        f"{objective.kind}: {n_params:,} params ({n_trained:,} trained) on {device} ({args.dtype}), "
+        f"{len(train_samples) // 2} train pairs, {len(eval_samples) // 2} "
+        f"held-out pairs, {total} steps of {args.batch_size} samples, {objective.meta()}",
+        flush=True,
+    )
 
     t0 = time.time()
     meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
@@ -428,38 +512,69 @@ def train(args: Args, objective=None):
         def evaluate(step):
             nonlocal best
             with prec.autocast():
-                metrics = heldout_metrics(model, eval_samples, pad_id, device, args.eval_batch_size, args.gamma, args.lam)
-            better = key and step and (best is None or (metrics[key] > best[1][key] if SELECT[args.select] else metrics[key] < best[1][key]))
+                metrics = heldout_metrics(
+                    model, eval_samples, pad_id, device, args.eval_batch_size, args.gamma, args.lam
+                )
+            better = (
+                key
+                and step
+                and (
+                    best is None
+                    or (metrics[key] > best[1][key] if SELECT[args.select] else metrics[key] < best[1][key])
+                )
+            )
             if better:  # the best so far by --select is what the folder holds
                 best = (step, metrics)
                 save_value_model(model, tok, tmp, meta)
             log.write(step, {**metrics, **({"eval/selected": float(bool(better))} if key else {})})
-            tqdm.write(f"eval step {step} | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
-                       f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f} | margin {metrics['eval/margin']:+.3f} | "
-                       f"terminal mse {metrics['eval/terminal_mse']:.3f}" + (" | best" if better else ""))
+            tqdm.write(
+                f"eval step {step} | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
+                f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f} | margin {metrics['eval/margin']:+.3f} | "
+                f"terminal mse {metrics['eval/terminal_mse']:.3f}" + (" | best" if better else "")
+            )
             return metrics
 
         evaluate(0)
         rng = random.Random(args.seed)
-        step, bar = 0, tqdm(total=total, desc=objective.kind, leave=False, disable=None if distributed.is_main() else True)
+        step, bar = (
+            0,
+            tqdm(total=total, desc=objective.kind, leave=False, disable=None if distributed.is_main() else True),
+        )
         while step < total:
             order = batch_order(len(train_samples), objective.pair_batches, rng)[:n_used]
             for i in range(0, len(order), args.batch_size):
                 if step >= total:
                     break
                 t_step = time.time()
-                m, grad_norm = train_step(trained, [train_samples[j] for j in distributed.my_share(order[i:i + args.batch_size])],
-                                          objective, opt, prec, pad_id, device, args.micro_batch_size)
+                m, grad_norm = train_step(
+                    trained,
+                    [train_samples[j] for j in distributed.my_share(order[i : i + args.batch_size])],
+                    objective,
+                    opt,
+                    prec,
+                    pad_id,
+                    device,
+                    args.micro_batch_size,
+                )
                 sched.step()
                 step += 1
                 bar.update(1)
                 if step % args.log_every == 0 or step == total:
-                    m.update({"train/grad_norm": grad_norm.item(), "train/lr": sched.get_last_lr()[0],
-                              "train/epoch": step / steps_per_epoch, "time/step": time.time() - t_step,
-                              "time/elapsed": time.time() - t0})
+                    m.update(
+                        {
+                            "train/grad_norm": grad_norm.item(),
+                            "train/lr": sched.get_last_lr()[0],
+                            "train/epoch": step / steps_per_epoch,
+                            "time/step": time.time() - t_step,
+                            "time/elapsed": time.time() - t0,
+                        }
+                    )
                     log.write(step, m)
-                    tqdm.write(f"step {step}/{total} | " + " | ".join(f"{k} {v:+.4f}" for k, v in list(m.items())[:3])
-                               + f" | lr {m['train/lr']:.2e} | {m['time/elapsed']:.0f}s")
+                    tqdm.write(
+                        f"step {step}/{total} | "
+                        + " | ".join(f"{k} {v:+.4f}" for k, v in list(m.items())[:3])
+                        + f" | lr {m['train/lr']:.2e} | {m['time/elapsed']:.0f}s"
+                    )
                 if step % args.eval_every == 0 or step == total:
                     metrics = evaluate(step)
         bar.close()
@@ -468,15 +583,28 @@ def train(args: Args, objective=None):
         if best is None:  # --select last
             best = (step, metrics)
             save_value_model(model, tok, tmp, meta)
-        summary = {**best[1], "train/selected_step": best[0], "train/steps": step, "last": metrics,
-                   "train/pairs": len(train_samples) // 2, "eval/pairs": len(eval_samples) // 2,
-                   "params": n_params, "params/trained": n_trained, "time/wall_seconds": wall, "device": str(device), "args": asdict(args)}
+        summary = {
+            **best[1],
+            "train/selected_step": best[0],
+            "train/steps": step,
+            "last": metrics,
+            "train/pairs": len(train_samples) // 2,
+            "eval/pairs": len(eval_samples) // 2,
+            "params": n_params,
+            "params/trained": n_trained,
+            "time/wall_seconds": wall,
+            "device": str(device),
+            "args": asdict(args),
+        }
         if tmp is not None:
             with open(os.path.join(tmp, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
     chosen = "" if key is None else f" (step {best[0]} of {step}, best by {args.select})"
-    print(f"saved {args.out}{chosen}: held-out pairwise accuracy {best[1]['eval/pairwise_acc_final']:.3f} (final value), "
-          f"{best[1]['eval/pairwise_acc_mean']:.3f} (mean value), {wall:.0f}s", flush=True)
+    print(
+        f"saved {args.out}{chosen}: held-out pairwise accuracy {best[1]['eval/pairwise_acc_final']:.3f} (final value), "
+        f"{best[1]['eval/pairwise_acc_mean']:.3f} (mean value), {wall:.0f}s",
+        flush=True,
+    )
     return summary
 
 

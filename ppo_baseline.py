@@ -9,6 +9,7 @@ The skeleton is dvpo.py's: `diff dvpo.py ppo_baseline.py` shows the algorithmic 
     python ppo_baseline.py                    # stage A into ckpt/rm, then PPO into ckpt/ppo
     python ppo_baseline.py --rm ckpt/rm       # reuse a reward model
 """
+
 import copy
 import time
 from dataclasses import asdict, dataclass
@@ -29,10 +30,14 @@ class Args(reward.RewardFlags, RLFlags):
     critic_lr: float = arg(3e-4, "AdamW learning rate of the critic, which has its own optimizer", "> 0")
     vf_coef: float = arg(0.1, "coefficient of the critic's clipped value loss", "> 0")
     cliprange_value: float = arg(0.2, "clip epsilon of the critic's value change", "> 0")
-    freeze_critic: bool = arg(False, "keep the critic at the reward model's weights, untrained (the reward model serves as both)")
+    freeze_critic: bool = arg(
+        False, "keep the critic at the reward model's weights, untrained (the reward model serves as both)"
+    )
     lam: float = arg(0.95, "GAE lambda", "[0, 1]")
     gamma: float = arg(1.0, "discount", "(0, 1]")
-    kl_coef: float = arg(0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive", ">= 0")
+    kl_coef: float = arg(
+        0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive", ">= 0"
+    )
     adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
     target_kl: float = arg(6.0, "adaptive KL target, nats per sequence", "> 0")
     kl_horizon: int = arg(10000, "adaptive KL horizon, in samples", ">= 1")
@@ -45,7 +50,9 @@ class Args(reward.RewardFlags, RLFlags):
     max_grad_norm: float = arg(1.0, "gradient-norm clip", "> 0")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same (§5.3)", "> 0")
     max_new_tokens: int = arg(48, "sampling budget per response", ">= 1")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the last token's reward of a response without EOS (§5.2)", ">= 0")
+    missing_eos_penalty: float = arg(
+        0.0, "subtracted from the last token's reward of a response without EOS (§5.2)", ">= 0"
+    )
     out: str = arg("ckpt/ppo", "output folder: the policy (save_pretrained), metrics.jsonl, summary.json")
 
 
@@ -78,6 +85,19 @@ def clipped_value_loss(vpred, old_values, returns, mask, cliprange_value, n=None
     return loss, clipfrac
 
 
+@torch.no_grad()
+def critic_advantages(reward_model, critic, r, rewards, args):
+    """A rollout's GAE advantages and returns (§4): the reward model's score of each response at its last token
+    added to the last token's reward, the critic's V(s_0 .. s_{R-1}) as the baseline. (advantages, returns,
+    values, score)"""
+    score = reward.reward_scores(reward_model, r, args.forward_batch_size)
+    values = rollout.response_state_values(critic, r, args.forward_batch_size)[:, :-1] * r.response_mask
+    adv, returns = rollout.gae(
+        rollout.add_at_last_token(rewards, r.response_mask, score), values, r.response_mask, args.gamma, args.lam
+    )
+    return adv, returns, values, score
+
+
 def clipped_policy_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
     """The clipped surrogate: sum over response tokens of max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) / n,
     rho = pi / pi_old. n defaults to the token count (the mean); a micro-batch passes its minibatch's count."""
@@ -85,10 +105,12 @@ def clipped_policy_loss(new_logp, old_logp, adv, mask, cliprange, n=None):
     ratio = torch.exp(new_logp - old_logp)
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
     with torch.no_grad():  # statistics keep no graph (and save no tensors the memory probe would count)
-        stats = {"policy/clipfrac": (((ratio - 1).abs() > cliprange).float() * mask).sum() / n,
-                 "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
-                 "val/ratio": (ratio * mask).sum() / n,
-                 "val/ratio_max_dev": ((ratio - 1).abs() * mask).max()}
+        stats = {
+            "policy/clipfrac": (((ratio - 1).abs() > cliprange).float() * mask).sum() / n,
+            "policy/approxkl": (0.5 * (new_logp - old_logp) ** 2 * mask).sum() / n,
+            "val/ratio": (ratio * mask).sum() / n,
+            "val/ratio_max_dev": ((ratio - 1).abs() * mask).max(),
+        }
     return (loss * mask).sum() / n, stats
 
 
@@ -109,15 +131,23 @@ def ppo_epochs(policy, opt, prec, critic, critic_opt, critic_prec, r, old_logp, 
             for micro in rollout.micro_batches(len(idx), args.micro_batch_size):
                 x, rows = mb.index(micro), idx[micro]
                 with prec.autocast():
-                    new_logp, entropy = rollout.response_logprobs(policy, x, args.temperature, with_entropy=True,
-                                                                  chunk=args.logprob_chunk)
-                    loss, s = clipped_policy_loss(new_logp, old_logp[rows], adv[rows], x.response_mask, args.cliprange, n)
+                    new_logp, entropy = rollout.response_logprobs(
+                        policy, x, args.temperature, with_entropy=True, chunk=args.logprob_chunk
+                    )
+                    loss, s = clipped_policy_loss(
+                        new_logp, old_logp[rows], adv[rows], x.response_mask, args.cliprange, n
+                    )
                     s = {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * x.response_mask).sum() / n}
                 prec.backward(loss)
                 rollout.accumulate(total, s)
             grad_norm = prec.step(opt, policy.parameters(), args.max_grad_norm)
-            stats.append({**{k: float(v) for k, v in total.items()}, "policy/grad_norm": float(grad_norm),
-                          **prec.loss_scale("policy")})
+            stats.append(
+                {
+                    **{k: float(v) for k, v in total.items()},
+                    "policy/grad_norm": float(grad_norm),
+                    **prec.loss_scale("policy"),
+                }
+            )
             if critic_opt is None:
                 continue
             # the critic's clipped value step on the same minibatch: V(s_0 .. s_{R-1}) regressed on the GAE returns
@@ -126,11 +156,15 @@ def ppo_epochs(policy, opt, prec, critic, critic_opt, critic_prec, r, old_logp, 
             for micro in rollout.micro_batches(len(idx), args.micro_batch_size):
                 x, rows = mb.index(micro), idx[micro]
                 with critic_prec.autocast():
-                    vpred = critic(x.input_ids, x.attention_mask)[:, x.prompt_len - 1:-1]
-                    loss, clipfrac = clipped_value_loss(vpred, old_values[rows], returns[rows], x.response_mask,
-                                                        args.cliprange_value, n)
-                    s = {"loss/value": loss, "val/clipfrac": clipfrac,
-                         "val/vpred": (vpred.detach() * x.response_mask).sum() / n}
+                    vpred = critic(x.input_ids, x.attention_mask)[:, x.prompt_len - 1 : -1]
+                    loss, clipfrac = clipped_value_loss(
+                        vpred, old_values[rows], returns[rows], x.response_mask, args.cliprange_value, n
+                    )
+                    s = {
+                        "loss/value": loss,
+                        "val/clipfrac": clipfrac,
+                        "val/vpred": (vpred.detach() * x.response_mask).sum() / n,
+                    }
                 critic_prec.backward(args.vf_coef * loss)
                 rollout.accumulate(total, s)
             critic_prec.step(critic_opt, critic.parameters(), args.max_grad_norm)
@@ -180,8 +214,11 @@ def train(args: Args):
         distributed.shard_frozen(ref, reward_model, critic)
     opt = precision.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
-    probe = memory.Probe(device, models=(policy, ref, reward_model) + ((critic,) if critic_opt else ()),
-                         optimizers=(opt,) + ((critic_opt,) if critic_opt else ()))
+    probe = memory.Probe(
+        device,
+        models=(policy, ref, reward_model) + ((critic,) if critic_opt else ()),
+        optimizers=(opt,) + ((critic_opt,) if critic_opt else ()),
+    )
     sampler = data.PromptSampler(len(prompts), args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # draws the minibatches
     use_gold = args.gold == "vader" or args.gold == "auto" and world.is_world_data(args.prompts)
@@ -202,22 +239,29 @@ def train(args: Args):
             critic_prec.scaler.load_state_dict(st["algo_state"]["scaler"])
         records, ev, start, elapsed = st["records"], st["eval"], st["step"], st["elapsed"]
 
-    def save(step, resumable):
-        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0,
-                   **memory.parameter_counts(policy, ref, reward_model, critic), "device": str(device),
-                   "processes": distributed.world(), "args": asdict(args)}
-        critic_state = {"critic": distributed.trained_state(critic), "scaler": critic_prec.scaler.state_dict(),
-                        "optimizer": distributed.optimizer_state(critic, critic_opt)} if critic_opt and resumable else None
-        state = checkpoint.trainer_state(
-            "ppo", step, records, ev, time.time() - t0, optimizer=distributed.optimizer_state(trained, opt),
-            scaler=prec.scaler.state_dict(), kl_coef=kl_ctl.beta, sampler=sampler.state_dict(),
-            generator=gen.get_state(), algo_state=critic_state) if resumable else None
+    def save(step, resumable):  # --out, atomically: the policy, metrics.jsonl, summary.json (and what --resume reads)
+        summary = {**ev, "train/steps": step, "time/wall_seconds": time.time() - t0, "device": str(device)}
+        summary.update(
+            memory.parameter_counts(policy, ref, reward_model, critic), processes=distributed.world(), args=asdict(args)
+        )
+        state = None
+        if resumable:  # every state the next step reads, on every rank
+            resume = {"optimizer": distributed.optimizer_state(trained, opt), "scaler": prec.scaler.state_dict()}
+            resume.update(kl_coef=kl_ctl.beta, sampler=sampler.state_dict(), generator=gen.get_state())
+            if critic_opt:  # what of the critic trains, its optimizer and its loss scale
+                critic_state = {"critic": distributed.trained_state(critic), "scaler": critic_prec.scaler.state_dict()}
+                resume["algo_state"] = {**critic_state, "optimizer": distributed.optimizer_state(critic, critic_opt)}
+            state = checkpoint.trainer_state("ppo", step, records, ev, time.time() - t0, **resume)
         checkpoint.save_run(args.out, summary, policy, tok, records, state)
         return summary
 
-    print(f"ppo: critic {'trained from' if critic_opt else 'frozen at'} the reward model, lam={args.lam} beta={args.kl_coef}"
-          f"{' (adaptive)' if args.adaptive_kl else ''}, {args.steps} steps of {args.batch_size} prompts on {device} "
-          f"({args.dtype}), {len(prompts)} prompts" + (f", resumed at step {start}" if start else ""), flush=True)
+    print(
+        f"ppo: critic {'trained from' if critic_opt else 'frozen at'} the reward model, "
+        f"lam={args.lam} beta={args.kl_coef}"
+        f"{' (adaptive)' if args.adaptive_kl else ''}, {args.steps} steps of {args.batch_size} prompts on {device} "
+        f"({args.dtype}), {len(prompts)} prompts" + (f", resumed at step {start}" if start else ""),
+        flush=True,
+    )
     t0 = time.time() - elapsed
     for step in tqdm(range(start, args.steps + 1), desc="ppo", leave=False, disable=not distributed.is_main() or None):
         if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not heldout.done(records, step):
@@ -231,51 +275,77 @@ def train(args: Args):
         # 1. sample: this rank's share of the batch's prompts, one response each from the policy itself (§3)
         batch = [prompts[i] for i in distributed.my_share(sampler.take(args.batch_size))]
         with probe.phase("generate"), prec.autocast():
-            r = rollout.generate(policy, tok, [p for p, _ in batch], args.max_new_tokens, args.temperature,
-                                 ids=[ids for _, ids in batch], chunk=args.forward_batch_size)
+            texts, ids = zip(*batch)
+            r = rollout.generate(
+                policy, tok, texts, args.max_new_tokens, args.temperature, ids=ids, chunk=args.forward_batch_size
+            )
         with probe.phase("score"), torch.no_grad():
             # 2. old and reference log-probs; the old ones on exactly the first epoch's micro-batches, so the
             # first minibatch's ratio is exactly 1 (§5.4)
-            plans = rollout.minibatches(args.batch_size, args.minibatch_size, args.ppo_epochs, gen,
-                                        distributed.world(), distributed.rank())
+            plans = rollout.minibatches(
+                args.batch_size, args.minibatch_size, args.ppo_epochs, gen, distributed.world(), distributed.rank()
+            )
             old_logp = torch.zeros_like(r.response_mask)
             for idx in plans[0]:
                 for micro in idx.split(args.micro_batch_size or len(idx)):
                     with prec.autocast():
-                        old_logp[micro] = rollout.response_logprobs(policy, r.index(micro), args.temperature,
-                                                                    chunk=args.logprob_chunk)
+                        old_logp[micro] = rollout.response_logprobs(
+                            policy, r.index(micro), args.temperature, chunk=args.logprob_chunk
+                        )
             with prec.autocast():
-                ref_logp = rollout.in_chunks(lambda x: rollout.response_logprobs(
-                    ref, x, args.temperature, chunk=args.logprob_chunk), r, args.forward_batch_size)
+                ref_logp = rollout.in_chunks(
+                    lambda x: rollout.response_logprobs(ref, x, args.temperature, chunk=args.logprob_chunk),
+                    r,
+                    args.forward_batch_size,
+                )
             # 3. per-token KL-penalty rewards r_t = -beta * (log pi - log pi_ref) (§3)
             kl = rollout.kl_k1(old_logp, ref_logp) * r.response_mask
             rewards = kl_rewards(kl, r.response_mask, r.ended, kl_ctl.beta, args.missing_eos_penalty)
             with prec.autocast():
-                # 4. the reward model's score of each response, at its last token, and the critic's V(s_0 .. s_{R-1})
-                score = reward.reward_scores(reward_model, r, args.forward_batch_size)
-                old_values = rollout.response_state_values(critic, r, args.forward_batch_size)[:, :-1] * r.response_mask
-                # 5. GAE advantages and returns, the score as the last token's reward (§4); the advantages whitened
+                # 4. reward-model score and critic values and 5. GAE advantages (critic_advantages, above), whitened
                 # over the global batch (the moments summed over every rank's share)
-                adv, returns = rollout.gae(rollout.add_at_last_token(rewards, r.response_mask, score), old_values,
-                                           r.response_mask, args.gamma, args.lam)
+                adv, returns, old_values, score = critic_advantages(reward_model, critic, r, rewards, args)
                 adv = rollout.masked_whiten(adv, r.response_mask, total=distributed.all_reduce)
         # 6. PPO epochs of the clipped objective and the critic's value loss, micro-batches accumulated
         with probe.phase("update"):
-            stats = ppo_epochs(trained, opt, prec, trained_critic if critic_opt else critic, critic_opt, critic_prec,
-                               r, old_logp, adv, old_values, returns, plans, args)
+            stats = ppo_epochs(
+                trained,
+                opt,
+                prec,
+                trained_critic if critic_opt else critic,
+                critic_opt,
+                critic_prec,
+                r,
+                old_logp,
+                adv,
+                old_values,
+                returns,
+                plans,
+                args,
+            )
         for o in (opt, critic_opt) if critic_opt else (opt,):  # gradients are not held through the next generation
             o.zero_grad(set_to_none=True)
 
         # 7. log (every number the global batch's), evaluate (above), checkpoint
         gold = world.gold_scores(r.texts) if use_gold else None
-        m = distributed.mean_over_ranks({  # each rank's share is equal, so the mean of means is the batch's
-            "objective/kl": kl.sum(1).mean().item(), **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
-            "objective/rm_score": score.mean().item(),
-            "objective/kl_k3": (rollout.kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
-            "objective/length": r.response_mask.sum(1).mean().item(), "objective/eos_rate": r.ended.float().mean().item()})
+        m = distributed.mean_over_ranks(
+            {  # each rank's share is equal, so the mean of means is the batch's
+                "objective/kl": kl.sum(1).mean().item(),
+                **({"objective/gold": sum(gold) / len(gold)} if use_gold else {}),
+                "objective/rm_score": score.mean().item(),
+                "objective/kl_k3": (rollout.kl_k3(old_logp, ref_logp) * r.response_mask).sum(1).mean().item(),
+                "objective/length": r.response_mask.sum(1).mean().item(),
+                "objective/eos_rate": r.ended.float().mean().item(),
+            }
+        )
         probed = probe.pop()  # memory and time of the rank that needed most
-        m = {**m, "objective/kl_coef": kl_ctl.beta, **stats, **distributed.mean_over_ranks(probed, maxima=probed),
-             "time/elapsed": time.time() - t0}
+        m = {
+            **m,
+            "objective/kl_coef": kl_ctl.beta,
+            **stats,
+            **distributed.mean_over_ranks(probed, maxima=probed),
+            "time/elapsed": time.time() - t0,
+        }
         records.append({"step": step + 1, **m})
         if args.adaptive_kl:
             kl_ctl.update(m["objective/kl"], args.batch_size)

@@ -3,6 +3,7 @@
 reward_scores reads it at each response's last token. ppo_baseline.py, grpo_baseline.py and remax_baseline.py
 share the flags in RewardFlags, so `--rm ckpt/rm` reuses one stage A for all of them.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from infra.cli import arg
 @dataclass
 class RewardFlags:
     """Stage A's flags, shared by the baselines that score with a reward model."""
+
     rm: str = arg("", "a reward model from an earlier run (ckpt/rm); empty: train one first (stage A)")
     data: str = arg(world.PAIRS_TRAIN, "stage A's preference pairs, the same default as gvm.py's --data")
     eval_data: str = arg("", "stage A's held-out pairs, as gvm.py's --eval-data")
@@ -35,6 +37,7 @@ def bradley_terry_loss(chosen, rejected):
 class BradleyTerry(gvm.Objective):
     """The reward model's objective for gvm.train: the score is read at the last response token (EOS), the
     state s_T, and pairs stay together in a batch (chosen, rejected, chosen, ...)."""
+
     kind, pair_batches = "reward-model", True
 
     def loss(self, values, batch):
@@ -42,8 +45,11 @@ class BradleyTerry(gvm.Objective):
         score = values[torch.arange(len(T)), T]
         chosen, rejected = score[0::2], score[1::2]
         loss = bradley_terry_loss(chosen, rejected)
-        return loss, {"loss/rm": loss.item(), "rm/accuracy": (chosen > rejected).float().mean().item(),
-                      "rm/margin": (chosen - rejected).mean().item()}
+        return loss, {
+            "loss/rm": loss.item(),
+            "rm/accuracy": (chosen > rejected).float().mean().item(),
+            "rm/margin": (chosen - rejected).mean().item(),
+        }
 
     def weight(self, batch):
         """What the loss averages over: pairs."""
@@ -55,8 +61,14 @@ class BradleyTerry(gvm.Objective):
 
 def train_reward_model(out, device="auto", **flags):
     """Stage A: a Bradley-Terry reward model trained into `out` by gvm.py's loop, with stage A's defaults
-    (RewardFlags' --rm-epochs, --rm-lr, --rm-batch-size, the last checkpoint) where `flags` (gvm.Args fields) are silent."""
-    defaults = {"epochs": RewardFlags.rm_epochs, "lr": RewardFlags.rm_lr, "batch_size": RewardFlags.rm_batch_size, "select": "last"}
+    (RewardFlags' --rm-epochs, --rm-lr, --rm-batch-size, the last checkpoint) where `flags` (gvm.Args fields)
+    are silent."""
+    defaults = {
+        "epochs": RewardFlags.rm_epochs,
+        "lr": RewardFlags.rm_lr,
+        "batch_size": RewardFlags.rm_batch_size,
+        "select": "last",
+    }
     return gvm.train(gvm.Args(out=out, device=device, **{**defaults, **flags}), BradleyTerry())
 
 
@@ -66,21 +78,41 @@ def reward_model_path(args):
         return args.rm
     if args.resume and os.path.isfile(os.path.join(args.rm_out, gvm.META_FILE)):
         return args.rm_out  # stage A of the run being resumed
-    train_reward_model(args.rm_out, args.device, model=args.policy, data=args.data, eval_data=args.eval_data,
-                       split=args.split, eval_split=args.eval_split, max_prompt_len=args.max_prompt_len,
-                       strict=args.strict, epochs=args.rm_epochs, lr=args.rm_lr, batch_size=args.rm_batch_size,
-                       micro_batch_size=args.micro_batch_size, dtype=args.dtype,
-                       gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                       optim=args.optim, fsdp=args.fsdp, seed=args.seed)
+    train_reward_model(
+        args.rm_out,
+        args.device,
+        model=args.policy,
+        data=args.data,
+        eval_data=args.eval_data,
+        split=args.split,
+        eval_split=args.eval_split,
+        max_prompt_len=args.max_prompt_len,
+        strict=args.strict,
+        epochs=args.rm_epochs,
+        lr=args.rm_lr,
+        batch_size=args.rm_batch_size,
+        micro_batch_size=args.micro_batch_size,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
+        optim=args.optim,
+        fsdp=args.fsdp,
+        seed=args.seed,
+    )
     return args.rm_out
 
 
 def load_reward_model(path, args, tok, device, dtype):
     """The reward model in `path`, frozen, checked to share the policy's tokenizer."""
-    gvm.check_tokenizer(gvm.read_meta(path, "reward-model", "--rm"), tok, f"--rm {path}", args.policy,
-                        "--policy")
-    return gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)[0].requires_grad_(False).eval()
+    gvm.check_tokenizer(gvm.read_meta(path, "reward-model", "--rm"), tok, f"--rm {path}", args.policy, "--policy")
+    return (
+        gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)[0]
+        .requires_grad_(False)
+        .eval()
+    )
 
 
 def check_output(args):

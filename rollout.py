@@ -2,6 +2,7 @@
 log-probs, and the split of a batch into PPO minibatches and micro-batches. Pure functions of tensors: no
 process group, no optimizer, no file. Numbers like §5.2 refer to docs/DVPO.md.
 """
+
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ def add_at_last_token(rewards, mask, x):
 class Rollout:
     """A batch of prompts and sampled responses. Prompts are left-padded to P tokens, responses right-padded
     to R tokens and cut after their first EOS (§5.1, §5.2); input_ids = prompt ‖ response."""
+
     input_ids: torch.Tensor  # [B, P + R]
     attention_mask: torch.Tensor  # [B, P + R]
     response_mask: torch.Tensor  # [B, R] float, 1 up to and including the first EOS
@@ -76,13 +78,20 @@ class Rollout:
 
     @property
     def response_ids(self):
-        return self.input_ids[:, self.prompt_len:]
+        return self.input_ids[:, self.prompt_len :]
 
     def index(self, idx):
         """The rows idx, as a Rollout (a minibatch)."""
-        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_len,
-                       self.ended[idx], [self.prompts[i] for i in idx.tolist()], [self.texts[i] for i in idx.tolist()],
-                       self.suppressed)
+        return Rollout(
+            self.input_ids[idx],
+            self.attention_mask[idx],
+            self.response_mask[idx],
+            self.prompt_len,
+            self.ended[idx],
+            [self.prompts[i] for i in idx.tolist()],
+            [self.texts[i] for i in idx.tolist()],
+            self.suppressed,
+        )
 
 
 def truncate_after_eos(response_ids, eos_ids, pad_id):
@@ -106,20 +115,38 @@ def generate(policy, tok, prompts, max_new_tokens, temperature=1.0, ids=None, ch
     prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros(B, P, dtype=torch.long)
     for b, p in enumerate(ids):  # §5.1: left padding
-        prompt_ids[b, P - len(p):] = torch.tensor(p)
-        prompt_mask[b, P - len(p):] = 1
+        prompt_ids[b, P - len(p) :] = torch.tensor(p)
+        prompt_mask[b, P - len(p) :] = 1
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = policy.training
     policy.eval()
-    outs = [models.sample(policy, tok, prompt_ids[i:i + (chunk or B)], prompt_mask[i:i + (chunk or B)],
-                        max_new_tokens, temperature, greedy)[:, P:] for i in range(0, B, chunk or B)]
+    outs = [
+        models.sample(
+            policy,
+            tok,
+            prompt_ids[i : i + (chunk or B)],
+            prompt_mask[i : i + (chunk or B)],
+            max_new_tokens,
+            temperature,
+            greedy,
+        )[:, P:]
+        for i in range(0, B, chunk or B)
+    ]
     policy.train(was_training)
     R = max(o.shape[1] for o in outs)
     response = torch.cat([F.pad(o, (0, R - o.shape[1]), value=pad_id) for o in outs])
     response, mask, ended = truncate_after_eos(response, eos, pad_id)
     texts = models.continuations(tok, prompt_ids, response)
-    return Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask.long()], 1), mask, P, ended,
-                   list(prompts), texts, models.suppressed_ids(tok))
+    return Rollout(
+        torch.cat([prompt_ids, response], 1),
+        torch.cat([prompt_mask, mask.long()], 1),
+        mask,
+        P,
+        ended,
+        list(prompts),
+        texts,
+        models.suppressed_ids(tok),
+    )
 
 
 def rollout_of(tok, rows, prompts=None):
@@ -129,11 +156,19 @@ def rollout_of(tok, rows, prompts=None):
     ids = torch.full((len(rows), P + R), tok.pad_token_id)
     attention = torch.zeros(len(rows), P + R, dtype=torch.long)
     for b, (p, x) in enumerate(rows):
-        ids[b, P - len(p):P + len(x)] = torch.tensor(p + x)
-        attention[b, P - len(p):P + len(x)] = 1
+        ids[b, P - len(p) : P + len(x)] = torch.tensor(p + x)
+        attention[b, P - len(p) : P + len(x)] = 1
     ended = torch.tensor([bool(x) and x[-1] in models.eos_ids(tok, None) for _, x in rows])
-    return Rollout(ids, attention, attention[:, P:].float(), P, ended, prompts or [""] * len(rows), [""] * len(rows),
-                   models.suppressed_ids(tok))
+    return Rollout(
+        ids,
+        attention,
+        attention[:, P:].float(),
+        P,
+        ended,
+        prompts or [""] * len(rows),
+        [""] * len(rows),
+        models.suppressed_ids(tok),
+    )
 
 
 def logits_at_responses(model, rollout):
@@ -141,9 +176,14 @@ def logits_at_responses(model, rollout):
     Position ids come from the mask (§5.1); the LM head runs on the last R+1 positions only."""
     R = rollout.response_mask.shape[1]
     position_ids = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=R + 1).logits
-    return logits[:, -(R + 1):-1]
+    logits = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=R + 1,
+    ).logits
+    return logits[:, -(R + 1) : -1]
 
 
 def tempered_log_softmax(logits, temperature, suppressed=None):
@@ -163,8 +203,8 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
     def forward(ctx, logits, ids, temperature, chunk, suppressed=None):
         logp, ent = [], []
         for s in range(0, len(logits), chunk):
-            lp = tempered_log_softmax(logits[s:s + chunk], temperature, suppressed)
-            logp.append(lp.gather(-1, ids[s:s + chunk, None]).squeeze(-1))
+            lp = tempered_log_softmax(logits[s : s + chunk], temperature, suppressed)
+            logp.append(lp.gather(-1, ids[s : s + chunk, None]).squeeze(-1))
             ent.append(-(lp.exp() * lp).sum(-1))
         ctx.save_for_backward(logits, ids)
         ctx.temperature, ctx.chunk, ctx.suppressed = temperature, chunk, suppressed
@@ -175,13 +215,13 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
         logits, ids = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for s in range(0, len(logits), ctx.chunk):
-            lp = tempered_log_softmax(logits[s:s + ctx.chunk], ctx.temperature, ctx.suppressed)
+            lp = tempered_log_softmax(logits[s : s + ctx.chunk], ctx.temperature, ctx.suppressed)
             p = lp.exp()
             H = -(p * lp).sum(-1, keepdim=True)
-            gl, ge = g_logp[s:s + ctx.chunk, None], g_ent[s:s + ctx.chunk, None]
+            gl, ge = g_logp[s : s + ctx.chunk, None], g_ent[s : s + ctx.chunk, None]
             g = -(p * gl + ge * (p * (lp + H)))
-            g.scatter_add_(-1, ids[s:s + ctx.chunk, None], gl)
-            grad[s:s + ctx.chunk] = (g / ctx.temperature).to(grad.dtype)
+            g.scatter_add_(-1, ids[s : s + ctx.chunk, None], gl)
+            grad[s : s + ctx.chunk] = (g / ctx.temperature).to(grad.dtype)
         return grad, None, None, None, None
 
 
@@ -195,8 +235,9 @@ def response_logprobs(model, rollout, temperature=1.0, with_entropy=False, chunk
     suppressed = torch.tensor(rollout.suppressed, device=logits.device) if rollout.suppressed else None
     if chunk:
         B, R, V = logits.shape
-        logp, entropy = ChunkedLogprobEntropy.apply(logits.reshape(B * R, V), rollout.response_ids.reshape(-1),
-                                                    temperature, chunk, suppressed)
+        logp, entropy = ChunkedLogprobEntropy.apply(
+            logits.reshape(B * R, V), rollout.response_ids.reshape(-1), temperature, chunk, suppressed
+        )
         logp, entropy = logp.view(B, R) * mask, entropy.view(B, R) * mask
         return (logp, entropy) if with_entropy else logp
     logp_all = tempered_log_softmax(logits, temperature, suppressed)
@@ -220,7 +261,7 @@ def in_chunks(fn, r, chunk):
 def response_state_values(value_model, rollout, chunk=0):
     """V(s_0 .. s_R) per sample, [B, R + 1], without gradient: s_t is read at position P-1+t (docs/DVPO.md §2),
     `chunk` rows per forward (in_chunks). The states s_0 .. s_T are valid (state_mask), T the response length."""
-    return in_chunks(lambda x: value_model(x.input_ids, x.attention_mask), rollout, chunk)[:, rollout.prompt_len - 1:]
+    return in_chunks(lambda x: value_model(x.input_ids, x.attention_mask), rollout, chunk)[:, rollout.prompt_len - 1 :]
 
 
 def final_value(values, response_mask):

@@ -4,10 +4,11 @@ judge, predicts the held-out gold DVPO then reaches. PPO runs beside them with t
 that remains is measured in the same sweep. Every run is its own process; a run whose folder already holds a
 summary with the same flags is reused, so an interrupted sweep continues where it stopped.
 
-    python experiments/gvm_sweep.py                                    # every variant, seeds 0,1,2, on the embedded world
+    python experiments/gvm_sweep.py                        # every variant, seeds 0,1,2, on the embedded world
     python experiments/gvm_sweep.py --variants e3,e10 --seeds 0,1      # some of them
     python experiments/gvm_sweep.py --variants e3 --seeds 0 --steps 2 --eval-n 20 --no-ppo   # a smoke run
 """
+
 import json
 import os
 import shlex
@@ -42,17 +43,34 @@ VARIANTS = {
     "e20-margin": "--epochs 20 --select margin",
 }
 # held-out GVM metrics (gvm.heldout_metrics) whose correlation with DVPO's gold is reported
-CRITERIA = ("pairwise_acc_final", "pairwise_acc_mean", "margin", "bt_loss", "terminal_mse", "value_mse", "td_loss", "ece")
+CRITERIA = (
+    "pairwise_acc_final",
+    "pairwise_acc_mean",
+    "margin",
+    "bt_loss",
+    "terminal_mse",
+    "value_mse",
+    "td_loss",
+    "ece",
+)
 
 
 @dataclass
 class Args:
     root: str = arg("ckpt/sweep", "folder for every GVM and RL run of the sweep")
-    variants: str = arg(",".join(VARIANTS), "comma-separated GVM variants: " + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
+    variants: str = arg(
+        ",".join(VARIANTS), "comma-separated GVM variants: " + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items())
+    )
     seeds: str = arg("0,1,2", "comma-separated seeds; seed s trains the GVM and runs DVPO (and PPO) with seed s")
-    ppo: bool = arg(True, "also run PPO with the same RL flags, its reward model trained once by gvm.py's loop (<root>/rm)")
+    ppo: bool = arg(
+        True, "also run PPO with the same RL flags, its reward model trained once by gvm.py's loop (<root>/rm)"
+    )
     steps: int = arg(100, "RL steps of every DVPO and PPO run", ">= 1")
-    target_kl: float = arg(6.0, "every RL run adapts beta towards this KL (nats/seq), so gold compares at comparable KL; 0: fixed beta", ">= 0")
+    target_kl: float = arg(
+        6.0,
+        "every RL run adapts beta towards this KL (nats/seq), so gold compares at comparable KL; 0: fixed beta",
+        ">= 0",
+    )
     kl_horizon: int = arg(640, "the adaptive KL controller's horizon, in samples", ">= 1")
     eval_n: int = arg(500, "held-out prompts of each RL run's final evaluation", ">= 1")
     gvm_extra: str = arg("", "more gvm.py flags for every variant, e.g. '--eval-every 50'")
@@ -81,9 +99,25 @@ def fresh_or_reused(script, args_cls, flags, out):
 
 
 def rl_flags(args):
-    kl = ["--adaptive-kl", "--target-kl", str(args.target_kl), "--kl-horizon", str(args.kl_horizon)] if args.target_kl else []
-    return ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--eval-every", str(args.steps),
-            "--table-every", str(10 ** 9), "--device", args.device, *kl, *split(args.rl_extra, "--rl-extra")]
+    kl = (
+        ["--adaptive-kl", "--target-kl", str(args.target_kl), "--kl-horizon", str(args.kl_horizon)]
+        if args.target_kl
+        else []
+    )
+    return [
+        "--steps",
+        str(args.steps),
+        "--eval-n",
+        str(args.eval_n),
+        "--eval-every",
+        str(args.steps),
+        "--table-every",
+        str(10**9),
+        "--device",
+        args.device,
+        *kl,
+        *split(args.rl_extra, "--rl-extra"),
+    ]
 
 
 def ranks(x):
@@ -114,32 +148,46 @@ def correlations(runs):
         if len(set(x)) < 2 or len(set(gold)) < 2 or len(set(kl)) < 2:
             out[c] = {"pearson": float("nan"), "spearman": float("nan"), "partial_kl": float("nan")}
             continue
-        out[c] = {"pearson": float(np.corrcoef(x, gold)[0, 1]), "spearman": float(np.corrcoef(ranks(x), ranks(gold))[0, 1]),
-                  "partial_kl": partial(x, gold, kl)}
+        out[c] = {
+            "pearson": float(np.corrcoef(x, gold)[0, 1]),
+            "spearman": float(np.corrcoef(ranks(x), ranks(gold))[0, 1]),
+            "partial_kl": partial(x, gold, kl),
+        }
     return out
 
 
 def report(res, args):
-    lines = [f"GVM variants, DVPO from each ({args.steps} steps, "
-             + (f"beta adapted towards KL {args.target_kl}, horizon {args.kl_horizon}" if args.target_kl else "fixed beta")
-             + f"), held-out gold on {args.eval_n} prompts, seeds {args.seeds}", "",
-             "| GVM variant | gvm.py flags | acc, final | acc, mean | margin | terminal MSE | TD loss | ECE | GVM s "
-             "| DVPO gold per seed (KL) | mean gold | mean KL |", "| " + " | ".join(["---"] * 12) + " |"]
+    lines = [
+        f"GVM variants, DVPO from each ({args.steps} steps, "
+        + (f"beta adapted towards KL {args.target_kl}, horizon {args.kl_horizon}" if args.target_kl else "fixed beta")
+        + f"), held-out gold on {args.eval_n} prompts, seeds {args.seeds}",
+        "",
+        "| GVM variant | gvm.py flags | acc, final | acc, mean | margin | terminal MSE | TD loss | ECE | GVM s "
+        "| DVPO gold per seed (KL) | mean gold | mean KL |",
+        "| " + " | ".join(["---"] * 12) + " |",
+    ]
     for name, v in res["variants"].items():
         g = lambda k: statistics.mean(r["gvm"][f"eval/{k}"] for r in v)  # noqa: E731
         per_seed = " / ".join(f"{r['gold']:+.3f} ({r['kl']:.1f})" for r in v)
-        lines.append(f"| {name} | `{VARIANTS[name]}` | {g('pairwise_acc_final'):.3f} | {g('pairwise_acc_mean'):.3f} "
-                     f"| {g('margin'):.3f} | {g('terminal_mse'):.3f} | {g('td_loss'):.4f} | {g('ece'):.3f} "
-                     f"| {statistics.median(r['gvm']['time/wall_seconds'] for r in v):.0f} | {per_seed} "
-                     f"| {statistics.mean(r['gold'] for r in v):+.3f} | {statistics.mean(r['kl'] for r in v):.2f} |")
+        lines.append(
+            f"| {name} | `{VARIANTS[name]}` | {g('pairwise_acc_final'):.3f} | {g('pairwise_acc_mean'):.3f} "
+            f"| {g('margin'):.3f} | {g('terminal_mse'):.3f} | {g('td_loss'):.4f} | {g('ece'):.3f} "
+            f"| {statistics.median(r['gvm']['time/wall_seconds'] for r in v):.0f} | {per_seed} "
+            f"| {statistics.mean(r['gold'] for r in v):+.3f} | {statistics.mean(r['kl'] for r in v):.2f} |"
+        )
     if res.get("ppo"):
         p = res["ppo"]
         per_seed = " / ".join(f"{r['gold']:+.3f} ({r['kl']:.1f})" for r in p)
-        lines.append(f"| PPO (reward model) | | | | | | | | | {per_seed} "
-                     f"| {statistics.mean(r['gold'] for r in p):+.3f} | {statistics.mean(r['kl'] for r in p):.2f} |")
+        lines.append(
+            f"| PPO (reward model) | | | | | | | | | {per_seed} "
+            f"| {statistics.mean(r['gold'] for r in p):+.3f} | {statistics.mean(r['kl'] for r in p):.2f} |"
+        )
     n = sum(len(v) for v in res["variants"].values())
-    lines += ["", f"| held-out GVM metric | Pearson r with DVPO gold ({n} runs) | Spearman rho | partial r, KL held fixed |",
-              "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"| held-out GVM metric | Pearson r with DVPO gold ({n} runs) | Spearman rho | partial r, KL held fixed |",
+        "| --- | --- | --- | --- |",
+    ]
     for c, r in res["correlations"].items():
         lines.append(f"| {c} | {r['pearson']:+.2f} | {r['spearman']:+.2f} | {r['partial_kl']:+.2f} |")
     return "\n".join(lines)
@@ -170,20 +218,48 @@ def sweep(args: Args):
         res["variants"][name] = []
         for seed in seeds:
             g_out = os.path.join(args.root, f"gvm-{name}-s{seed}")
-            g = fresh_or_reused("gvm.py", gvm.Args, [*split(VARIANTS[name], name), *split(args.gvm_extra, "--gvm-extra"),
-                                                     "--seed", seed, "--device", args.device], g_out)
-            d = fresh_or_reused("dvpo.py", dvpo.Args, [*rl_flags(args), "--gvm", g_out, "--seed", seed],
-                                os.path.join(args.root, f"dvpo-{name}-s{seed}"))
-            res["variants"][name].append({"seed": int(seed), "gvm": {k: v for k, v in g.items() if k != "args"},
-                                          "gold": d["eval/gold"], "gold_ci95": d["eval/gold_ci95"], "kl": d["eval/kl"]})
+            g = fresh_or_reused(
+                "gvm.py",
+                gvm.Args,
+                [
+                    *split(VARIANTS[name], name),
+                    *split(args.gvm_extra, "--gvm-extra"),
+                    "--seed",
+                    seed,
+                    "--device",
+                    args.device,
+                ],
+                g_out,
+            )
+            d = fresh_or_reused(
+                "dvpo.py",
+                dvpo.Args,
+                [*rl_flags(args), "--gvm", g_out, "--seed", seed],
+                os.path.join(args.root, f"dvpo-{name}-s{seed}"),
+            )
+            res["variants"][name].append(
+                {
+                    "seed": int(seed),
+                    "gvm": {k: v for k, v in g.items() if k != "args"},
+                    "gold": d["eval/gold"],
+                    "gold_ci95": d["eval/gold_ci95"],
+                    "kl": d["eval/kl"],
+                }
+            )
     if args.ppo:
         if not os.path.isfile(os.path.join(rm, "summary.json")):  # stage A once, as ppo_baseline.py would train it
             reward.train_reward_model(rm, args.device)
         res["ppo"] = []
         for seed in seeds:
-            p = fresh_or_reused("ppo_baseline.py", ppo_baseline.Args, [*rl_flags(args), "--rm", rm, "--seed", seed],
-                                os.path.join(args.root, f"ppo-s{seed}"))
-            res["ppo"].append({"seed": int(seed), "gold": p["eval/gold"], "gold_ci95": p["eval/gold_ci95"], "kl": p["eval/kl"]})
+            p = fresh_or_reused(
+                "ppo_baseline.py",
+                ppo_baseline.Args,
+                [*rl_flags(args), "--rm", rm, "--seed", seed],
+                os.path.join(args.root, f"ppo-s{seed}"),
+            )
+            res["ppo"].append(
+                {"seed": int(seed), "gold": p["eval/gold"], "gold_ci95": p["eval/gold_ci95"], "kl": p["eval/kl"]}
+            )
     res["correlations"] = correlations([r for v in res["variants"].values() for r in v])
     res["table"] = report(res, args)
     res.update(args=asdict(args), wall_seconds=time.time() - t0)

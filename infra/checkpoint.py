@@ -1,6 +1,7 @@
 """Outputs and checkpoints: output paths checked before any work, folders written atomically (a crash or a bad
 input never leaves a half-written one), metrics.jsonl, and the resumable state of a trainer's run (--resume).
 """
+
 import contextlib
 import dataclasses
 import json
@@ -34,10 +35,14 @@ def check_output_dir(path, flag="--out"):
     run of these scripts wrote (no summary.json), would be replaced, so both are refused."""
     restore_interrupted(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a file; name a folder (it is created, or replaced if an earlier run wrote it)")
+        raise UsageError(
+            f"{flag} {path}: is a file; name a folder (it is created, or replaced if an earlier run wrote it)"
+        )
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "summary.json")):
-        raise UsageError(f"{flag} {path}: a folder these scripts did not write (no summary.json); it would be "
-                         "replaced, so name another")
+        raise UsageError(
+            f"{flag} {path}: a folder these scripts did not write (no summary.json); it would be "
+            "replaced, so name another"
+        )
     check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
 
 
@@ -72,7 +77,7 @@ def make_tmp_dir(parent, name):
     os.makedirs(parent, exist_ok=True)
     prefix = f".{name}-tmp-"
     for entry in os.listdir(parent):
-        pid = entry[len(prefix):].split("-")[0]
+        pid = entry[len(prefix) :].split("-")[0]
         if entry.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
@@ -144,9 +149,24 @@ class MetricsLog:
 STATE_FILE = "trainer_state.pt"
 # flags a resumed run may change: they set the length of the run, its logging, evaluation and memory use, not
 # the update it computes (micro-batches and chunks compute the same update, up to float rounding)
-RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "save_every", "eval_every", "eval_n", "eval_prompts", "eval_split",
-                     "table_every", "device", "micro_batch_size", "forward_batch_size", "logprob_chunk",
-                     "gradient_checkpointing", "strict", "out")
+RESUME_MAY_CHANGE = (
+    "steps",
+    "epochs",
+    "resume",
+    "save_every",
+    "eval_every",
+    "eval_n",
+    "eval_prompts",
+    "eval_split",
+    "table_every",
+    "device",
+    "micro_batch_size",
+    "forward_batch_size",
+    "logprob_chunk",
+    "gradient_checkpointing",
+    "strict",
+    "out",
+)
 
 
 def flag_text(name, value):
@@ -167,12 +187,16 @@ def check_resume(args):
             before = json.load(f)["args"]
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--resume: {path} is unreadable ({type(e).__name__}); the checkpoint is damaged") from None
-    changed = [k for k, v in dataclasses.asdict(args).items()
-               if k not in RESUME_MAY_CHANGE and k in before and before[k] != v]
+    changed = [
+        k for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_CHANGE and k in before and before[k] != v
+    ]
     if changed:
-        raise UsageError(f"--resume: {args.out} was run with " + ", ".join(flag_text(k, before[k]) for k in changed)
-                         + "; a resumed run may change only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE
-                                                                         if k not in ("resume", "out")))
+        raise UsageError(
+            f"--resume: {args.out} was run with "
+            + ", ".join(flag_text(k, before[k]) for k in changed)
+            + "; a resumed run may change only "
+            + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE if k not in ("resume", "out"))
+        )
 
 
 def load_state(args, name):
@@ -181,7 +205,9 @@ def load_state(args, name):
     try:
         st = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or empty: zipfile, pickle and EOF errors alike
-        raise UsageError(f"--resume: {path} is damaged ({type(e).__name__}); resume from an earlier copy or start again") from None
+        raise UsageError(
+            f"--resume: {path} is damaged ({type(e).__name__}); resume from an earlier copy or start again"
+        ) from None
     if st["algo"] != name:
         raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {name} one")
     return st
@@ -194,8 +220,10 @@ def resume_state(args, name, steps, longer="--steps"):
     if st["step"] >= steps:
         raise UsageError(f"--resume: {args.out} has done {st['step']} steps already; raise {longer} above that")
     if st.get("world_size", 1) != distributed.world():
-        raise UsageError(f"--resume: {args.out} was trained by {st.get('world_size', 1)} process(es), not "
-                         f"{distributed.world()}; resume it with as many (torchrun --nproc-per-node)")
+        raise UsageError(
+            f"--resume: {args.out} was trained by {st.get('world_size', 1)} process(es), not "
+            f"{distributed.world()}; resume it with as many (torchrun --nproc-per-node)"
+        )
     cli.set_rng_states(st["rng"][distributed.rank()] if st.get("world_size", 1) > 1 else st["rng"])
     return st
 
@@ -204,8 +232,16 @@ def trainer_state(name, step, records, ev, elapsed, **states):
     """What --resume needs besides the weights: the method's own states (optimizer, loss scale, KL coefficient,
     prompt order, ...), every RNG of every rank (gathered: every rank must call it), the records so far."""
     rng = cli.rng_states() if distributed.world() == 1 else distributed.gather_objects(cli.rng_states())
-    return {"algo": name, "step": step, **states, "rng": rng, "world_size": distributed.world(), "records": records,
-            "eval": ev, "elapsed": elapsed}
+    return {
+        "algo": name,
+        "step": step,
+        **states,
+        "rng": rng,
+        "world_size": distributed.world(),
+        "records": records,
+        "eval": ev,
+        "elapsed": elapsed,
+    }
 
 
 def save_run(out, summary, policy, tok, records, state):

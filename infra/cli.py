@@ -1,11 +1,10 @@
 """Command lines and process plumbing every stage shares: dataclass flags with checked ranges, one-line user
 errors, the device, seeding and RNG states, progress lines. Nothing here knows about models, data or algorithms.
 """
+
 import argparse
-import contextlib
 import dataclasses
 import math
-import os
 import random
 import sys
 import time
@@ -54,9 +53,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(cls, argv=None, description=None):
-    """argparse built from a dataclass: --flag-name per field, help from field metadata."""
+    """argparse built from a dataclass: --flag-name per field, help from field metadata; the class's own fields are
+    listed before those it inherits (infra/flags.py's blocks)."""
     ap = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
+    order = [name for c in cls.__mro__ for name in c.__dict__.get("__annotations__", {})]  # own first, then blocks
+    for f in sorted(dataclasses.fields(cls), key=lambda f: order.index(f.name)):
         name, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         if "nargs" in f.metadata:  # a positional list, e.g. evaluate.py's policies
             ap.add_argument(f.name, nargs=f.metadata["nargs"], help=help_)
@@ -64,8 +65,12 @@ def parse_args(cls, argv=None, description=None):
             ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
             check = f" {f.metadata['check']}" if "check" in f.metadata else ""
-            ap.add_argument(name, type=type(f.default), default=f.default,
-                            help=f"{help_} (default: {f.default!r}{';' + check if check else ''})")
+            ap.add_argument(
+                name,
+                type=type(f.default),
+                default=f.default,
+                help=f"{help_} (default: {f.default!r}{';' + check if check else ''})",
+            )
     return cls(**vars(ap.parse_args(argv)))
 
 
@@ -78,8 +83,12 @@ def arg(default, help, check=None):  # noqa: A002 (dataclass field with a help l
 def in_range(value, check):
     if check[0] in "<>":
         op, bound = check.split()
-        return {">": value > float(bound), ">=": value >= float(bound), "<": value < float(bound),
-                "<=": value <= float(bound)}[op]
+        return {
+            ">": value > float(bound),
+            ">=": value >= float(bound),
+            "<": value < float(bound),
+            "<=": value <= float(bound),
+        }[op]
     lo, hi = (float(x) for x in check[1:-1].split(","))
     return (lo < value if check[0] == "(" else lo <= value) and (value < hi if check[-1] == ")" else value <= hi)
 
@@ -92,7 +101,9 @@ def check_args(args):
             raise UsageError(f"{flag} {value}: must be a finite number")
         check = f.metadata.get("check")
         if check and not in_range(value, check):
-            raise UsageError(f"{flag} {value}: must be {check}" if check[0] in "<>" else f"{flag} {value}: must lie in {check}")
+            raise UsageError(
+                f"{flag} {value}: must be {check}" if check[0] in "<>" else f"{flag} {value}: must lie in {check}"
+            )
 
 
 def pick_device(name):
@@ -113,6 +124,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     try:
         import numpy as np
+
         np.random.seed(seed)
     except ImportError:
         pass
@@ -121,12 +133,18 @@ def seed_everything(seed):
 def rng_states():
     """Every RNG a run draws from: python, numpy, torch CPU and CUDA."""
     import numpy as np
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_states(s):
     import numpy as np
+
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])

@@ -11,6 +11,7 @@ any preference rows above (their prompt part, so RL prompts are encoded exactly 
 A prompt that is a message list goes through the tokenizer's chat template with the generation prompt
 appended; a string prompt is tokenized as it is (TRL's rule). Responses are the assistant's text + EOS.
 """
+
 import collections
 import json
 import os
@@ -29,6 +30,7 @@ def load_rows(path, split="train", flag="--data"):
     import logging
 
     import datasets
+
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(logging.CRITICAL)  # a parse error is reported once, below, as one line
     builders = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}
@@ -40,8 +42,9 @@ def load_rows(path, split="train", flag="--data"):
             if os.path.getsize(path) == 0:
                 raise UsageError(f"{flag} {path}: the file is empty")
             ds = datasets.load_dataset(builders[ext], data_files=path, split="train")
-        elif os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
-                                         ("dataset_info.json", "dataset_dict.json", "state.json")):
+        elif os.path.isdir(path) and any(
+            os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+        ):
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
@@ -54,7 +57,10 @@ def load_rows(path, split="train", flag="--data"):
     except UsageError:
         raise
     except Exception as e:  # datasets wraps parse errors in several exception types
-        raise UsageError(f"{flag} {path}: cannot read it ({bad_json_line(path) or type(e).__name__ + ': ' + (str(e).splitlines() or [''])[0][:200]})") from None
+        raise UsageError(
+            f"{flag} {path}: cannot read it "
+            f"({bad_json_line(path) or type(e).__name__ + ': ' + (str(e).splitlines() or [''])[0][:200]})"
+        ) from None
     rows = list(ds)
     if not rows:
         raise UsageError(f"{flag} {path}: no rows")
@@ -197,8 +203,11 @@ def normalise_prompt(row):
 def check_columns(rows, path, flag, needed):
     cols = set(rows[0])
     if not any(set(n) <= cols for n in needed):
-        raise UsageError(f"{flag} {path}: needs columns " + " or ".join("/".join(n) for n in needed)
-                         + f" (columns: {', '.join(rows[0])})")
+        raise UsageError(
+            f"{flag} {path}: needs columns "
+            + " or ".join("/".join(n) for n in needed)
+            + f" (columns: {', '.join(rows[0])})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -280,17 +289,33 @@ def load_rl_prompts(args):
     """The policy's tokenizer and the prompt sets encoded by it, [(prompt, ids)], read and checked before any
     model loads (the embedded world built first when a default path needs it). Prompts that leave a response
     fewer of the model's positions than --max-new-tokens are dropped with a count."""
-    if world.SFT_DIR in (args.policy, args.ref) or args.prompts == world.PROMPTS_TRAIN or \
-            args.eval_prompts == world.PROMPTS_EVAL:
+    if world.SFT_DIR in (args.policy, args.ref):
         world.ensure_world()
     tok = models.load_tokenizer(args.policy, "--policy")
     positions = models.position_limit(args.policy, "--policy")
     if positions and args.max_new_tokens >= positions:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: --policy {args.policy} has only {positions} positions")
+        raise UsageError(
+            f"--max-new-tokens {args.max_new_tokens}: --policy {args.policy} has only {positions} positions"
+        )
     room = (positions, args.max_new_tokens)
+    if args.prompts == world.PROMPTS_TRAIN:  # a world is built only when a default path needs it, and only after
+        world.ensure_world()  # the user's own files have been read, so a mistake in them costs no build
     prompts = load_prompts(args.prompts, args.split, "--prompts", tok, args.max_prompt_len, args.strict, room)
-    eval_prompts = load_prompts(args.eval_prompts, args.eval_split or args.split, "--eval-prompts", tok,
-                                args.max_prompt_len, args.strict, room)[:args.eval_n] if args.eval_prompts else []
+    if args.eval_prompts == world.PROMPTS_EVAL:
+        world.ensure_world()
+    eval_prompts = (
+        load_prompts(
+            args.eval_prompts,
+            args.eval_split or args.split,
+            "--eval-prompts",
+            tok,
+            args.max_prompt_len,
+            args.strict,
+            room,
+        )[: args.eval_n]
+        if args.eval_prompts
+        else []
+    )
     return tok, prompts, eval_prompts
 
 

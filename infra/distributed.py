@@ -10,6 +10,7 @@ Flags stay global: --batch-size and --minibatch-size count the responses of all 
 1/N of every batch and minibatch, so N processes compute the update one process would (README, Multi-GPU).
 The trainers call these where they need the global batch, so the math (rollout.py) holds no process group.
 """
+
 import datetime
 import os
 import sys
@@ -44,8 +45,11 @@ def init(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     _device = device
@@ -107,22 +111,26 @@ def check_flags(fsdp, lora_r, optim, shard_frozen=False):
     if fsdp and lora_r:
         return "--fsdp with --lora-r: LoRA trains too few parameters to need sharding; use one or the other"
     if fsdp and optim != "adamw":
-        return f"--fsdp with --optim {optim}: bitsandbytes' 8-bit AdamW does not take FSDP2's sharded parameters; use adamw"
+        return (
+            f"--fsdp with --optim {optim}: bitsandbytes' 8-bit AdamW does not take FSDP2's sharded parameters; "
+            "use adamw"
+        )
     return None
 
 
 def check_divides(n, flag, unit=1):
     """None if n splits into world() equal shares of whole `unit`s, else the message saying why not."""
     if n % (world() * unit):
-        return (f"{flag} {n}: must split evenly over the {world()} processes" +
-                (f" in whole pairs (a multiple of {world() * unit})" if unit > 1 else f" (a multiple of {world()})"))
+        return f"{flag} {n}: must split evenly over the {world()} processes" + (
+            f" in whole pairs (a multiple of {world() * unit})" if unit > 1 else f" (a multiple of {world()})"
+        )
     return None
 
 
 def my_share(items):
     """This rank's consecutive 1/world() of items (their count divisible by world())."""
     n = len(items) // world()
-    return items[rank() * n:(rank() + 1) * n]
+    return items[rank() * n : (rank() + 1) * n]
 
 
 def padded_share(items, unit=1):
@@ -132,7 +140,7 @@ def padded_share(items, unit=1):
     units, k = len(items) // unit, world()
     per = -(-units // k)
     lo, hi = min(units, rank() * per), min(units, (rank() + 1) * per)
-    part = items[lo * unit:hi * unit]
+    part = items[lo * unit : hi * unit]
     last = part[-unit:] if part else items[:unit]
     return part + last * (per - (hi - lo)), (hi - lo) * unit
 
@@ -153,10 +161,12 @@ def wrap(model, fsdp=False):
         return model
     if not fsdp:
         # gradient_as_bucket_view: gradients live in DDP's buckets, not in a second copy (16 bytes a parameter, not 20)
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[_device.index] if _device.type == "cuda" else None,
-                                                         gradient_as_bucket_view=True)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[_device.index] if _device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh(_device.type, (world(),))  # explicit: a mesh on the default accelerator breaks gloo
     layers = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
     for m in model.modules():
@@ -177,6 +187,7 @@ def shard_frozen(*models):
 
 def is_sharded(model):
     from torch.distributed.fsdp import FSDPModule
+
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
@@ -184,6 +195,7 @@ def reshard(model):
     """Put an FSDP2 model's parameters back into their shards: a forward without backward (generation,
     evaluation) leaves the root's gathered, and state dicts read the sharded ones. True if the model is sharded."""
     from torch.distributed.fsdp import FSDPModule
+
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in sharded:
         m.reshard()
@@ -196,6 +208,7 @@ def full_state_dict(model):
     if not reshard(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in sd.items() if k in names} if is_main() else None  # a tied weight once, as saved unsharded
@@ -207,6 +220,7 @@ def optimizer_state(model, opt):
     if not reshard(model):
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -215,6 +229,7 @@ def load_optimizer_state(model, opt, state):
     if not reshard(model):
         return opt.load_state_dict(state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -230,4 +245,5 @@ def load_trained_state(model, state):
     if not reshard(model):
         return model.load_state_dict(state, strict=False)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     return set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

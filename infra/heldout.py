@@ -1,6 +1,7 @@
 """Held-out measurement of a policy: sample one response per prompt, score it with the gold judge, its KL to the
 reference, length and EOS (docs/DVPO.md §6). evaluate.py reports it; the trainers run it every --eval-every steps.
 """
+
 import math
 
 import torch
@@ -15,7 +16,7 @@ def score_policy(policy, ref, tok, prompts, batch_size, max_new_tokens, temperat
     the response, at the sampling temperature), length, EOS, and the value model's V(s_T) when given."""
     out = {"gold": [], "kl": [], "length": [], "ended": [], "texts": [], "value": []}
     for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
+        batch = prompts[i : i + batch_size]
         r = rollout.generate(policy, tok, [p for p, _ in batch], max_new_tokens, temperature, ids=[x for _, x in batch])
         logp = rollout.response_logprobs(policy, r, temperature)
         ref_logp = rollout.response_logprobs(ref, r, temperature)
@@ -48,8 +49,12 @@ def evaluate(policy, ref, tok, prompts, args, use_gold):
     s = {k: distributed.gather_shares(mine[k], n_real) for k in ("gold", "kl", "ended", "length")}
     cli.set_rng_states(states)
     gold, ci = mean_ci(s["gold"])
-    return {**({"eval/gold": gold, "eval/gold_ci95": ci} if use_gold else {}), "eval/kl": sum(s["kl"]) / len(s["kl"]),
-            "eval/eos_rate": sum(s["ended"]) / len(s["ended"]), "eval/length": sum(s["length"]) / len(s["length"])}
+    return {
+        **({"eval/gold": gold, "eval/gold_ci95": ci} if use_gold else {}),
+        "eval/kl": sum(s["kl"]) / len(s["kl"]),
+        "eval/eos_rate": sum(s["ended"]) / len(s["ended"]),
+        "eval/length": sum(s["length"]) / len(s["length"]),
+    }
 
 
 def done(records, step):

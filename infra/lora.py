@@ -7,6 +7,7 @@ second copy of the base weights. A checkpoint is written merged, W + (alpha / r)
 save_pretrained folder that the next stage and AutoModelForCausalLM.from_pretrained load with no project code,
 with the adapter alone beside it in adapter/ (what --resume reads).
 """
+
 import logging
 import warnings
 
@@ -26,6 +27,7 @@ def quiet_bitsandbytes():
 def peft():
     quiet_bitsandbytes()
     import peft as module
+
     return module
 
 
@@ -72,7 +74,9 @@ def merged_state_dict(model):
     """The base model's state dict with each adapter merged into its layer, W + get_delta_weight, in the base's
     dtype, computed beside the model and leaving it as it is (merging in place and unmerging would round the
     frozen base that the reference still uses)."""
-    layers = {name: m for name, m in model.get_base_model().named_modules() if isinstance(m, peft().tuners.lora.LoraLayer)}
+    layers = {
+        name: m for name, m in model.get_base_model().named_modules() if isinstance(m, peft().tuners.lora.LoraLayer)
+    }
     merged = {}
     with torch.no_grad():
         for key, value in model.get_base_model().state_dict().items():

@@ -1,6 +1,7 @@
 """Per-phase time and memory of a training step (generate, score, update): CUDA peaks, or on CPU the tally of
 model states, the activations saved for backward and the process RSS.
 """
+
 import contextlib
 import os
 import resource
@@ -94,5 +95,7 @@ class Probe:
 def parameter_counts(*models):
     """{"params/trained": ..., "params/frozen": ...} over these models, a parameter shared by two (a LoRA base) once."""
     params = {id(p): p for m in models for p in m.parameters()}
-    return {"params/trained": sum(p.numel() for p in params.values() if p.requires_grad),
-            "params/frozen": sum(p.numel() for p in params.values() if not p.requires_grad)}
+    return {
+        "params/trained": sum(p.numel() for p in params.values() if p.requires_grad),
+        "params/frozen": sum(p.numel() for p in params.values() if not p.requires_grad),
+    }

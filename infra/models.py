@@ -1,6 +1,7 @@
 """Models and tokenizers from local folders or the hub, loaded, sampled and saved the same way by every stage:
 a pad token that is not EOS, dropout off, sampling from the policy itself (docs/DVPO.md §5.1-5.4).
 """
+
 import hashlib
 import json
 import os
@@ -16,13 +17,19 @@ PAD_TOKEN = "<|pad|>"  # added when a tokenizer has no pad token distinct from E
 # ---------------------------------------------------------------------------------------------- models
 def looks_local(path):
     """True for what can only be a local path (so a missing one is an error, not a hub lookup)."""
-    return (path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
-            or os.path.isdir(path.split("/")[0]) and "/" in path  # ckpt/missing, when ckpt/ exists here
-            or path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow"))
+    return (
+        path.startswith((".", "/", "~"))
+        or path.count("/") > 1
+        or os.path.exists(path)
+        or os.path.isdir(path.split("/")[0])
+        and "/" in path  # ckpt/missing, when ckpt/ exists here
+        or path.rsplit(".", 1)[-1].lower() in ("json", "jsonl", "parquet", "csv", "arrow")
+    )
 
 
 def tokenizer_fingerprint(tok):
-    """Hash of the vocabulary, special tokens and chat template: two checkpoints may share token ids only if this matches."""
+    """Hash of the vocabulary, special tokens and chat template: two checkpoints may share token ids only if this
+    matches."""
     vocab = sorted(tok.get_vocab().items())
     special = [tok.bos_token, tok.eos_token, tok.pad_token] + ([tok.chat_template] if tok.chat_template else [])
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
@@ -31,6 +38,7 @@ def tokenizer_fingerprint(tok):
 def from_pretrained(load, name, flag, what):
     """load(name), with a missing folder, an unreachable hub or a damaged file as one line naming it."""
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     if not os.path.isdir(name) and looks_local(name):
         raise UsageError(f"{flag} {name}: no such folder")
@@ -38,14 +46,16 @@ def from_pretrained(load, name, flag, what):
         return load(name)
     except Exception as e:  # OSError, ValueError, safetensors' and json's errors on a truncated file alike
         where = "the folder" if os.path.isdir(name) else "no such folder, and the hub"
-        raise UsageError(f"{flag} {name}: {where} gave no {what} ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:160]})") from None
+        raise UsageError(
+            f"{flag} {name}: {where} gave no {what} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
+        ) from None
 
 
 def load_tokenizer(name, flag="--policy"):
     """A Hugging Face tokenizer with a pad token that is not EOS (§5.1): its UNK token when that differs from
     EOS, else a new PAD_TOKEN (load_model grows the embeddings for it). Cheap: load it first to check data."""
     from transformers import AutoTokenizer
+
     tok = from_pretrained(AutoTokenizer.from_pretrained, name, flag, "tokenizer")
     if tok.eos_token_id is None:
         raise UsageError(f"{flag} {name}: the tokenizer has no EOS token")
@@ -60,6 +70,7 @@ def load_tokenizer(name, flag="--policy"):
 def position_limit(name, flag="--policy"):
     """The most positions the model's config allows (max_position_embeddings, n_positions, ...); 0 if it names none."""
     from transformers import AutoConfig
+
     config = from_pretrained(AutoConfig.from_pretrained, name, flag, "config")
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
         if isinstance(getattr(config, key, None), int):
@@ -71,6 +82,7 @@ def load_model(name, tok, flag="--policy", causal_lm=True, dtype=torch.float32):
     """Any Hugging Face causal LM (local folder or hub name) in `dtype`, fitted to load_tokenizer's pad token
     and with dropout off (§5.4); causal_lm=False gives the headless backbone (AutoModel) value models sit on."""
     from transformers import AutoModel, AutoModelForCausalLM
+
     auto = AutoModelForCausalLM if causal_lm else AutoModel
     model = from_pretrained(lambda n: auto.from_pretrained(n, dtype=dtype), name, flag, "model")
     grow_for_pad(tok, model)
@@ -180,16 +192,28 @@ def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.
     every EOS id the model declares; never samples suppressed_ids. greedy: the argmax continuation instead
     (ReMax's baseline). Returns prompt + continuation ids."""
     from transformers import GenerationConfig
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids(tok, model),
-                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                              suppress_tokens=suppressed_ids(tok) or None)
+
+    sampling = (
+        {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    )
+    config = GenerationConfig(
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids(tok, model),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        suppress_tokens=suppressed_ids(tok) or None,
+    )
     owner = model.get_base_model() if lora.is_lora(model) else model  # whose generate() reads generation_config
     declared, owner.generation_config = owner.generation_config, config
     try:
         # synced_gpus: under FSDP2 every rank must run as many forward passes as the longest rank's generation
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                              synced_gpus=distributed.is_sharded(model))
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            synced_gpus=distributed.is_sharded(model),
+        )
     finally:
         owner.generation_config = declared
 
@@ -200,9 +224,7 @@ def continuations(tok, prompt_ids, response_ids):
     prompts = tok.batch_decode(prompt_ids, skip_special_tokens=True)
     wholes = tok.batch_decode(torch.cat([prompt_ids, response_ids], 1), skip_special_tokens=True)
     alone = tok.batch_decode(response_ids, skip_special_tokens=True)
-    return [w[len(p):] if w.startswith(p) else a for p, w, a in zip(prompts, wholes, alone)]
-
-
+    return [w[len(p) :] if w.startswith(p) else a for p, w, a in zip(prompts, wholes, alone)]
 
 
 # ---------------------------------------------------------------------------------------------- a trainer's models
@@ -214,8 +236,11 @@ def load_policy_and_reference(args, tok, device, prec):
         raise UsageError(f"--ref {args.ref}: its tokenizer differs from the policy's ({args.policy})")
     if args.lora_r:
         base = load_model(args.policy, tok, "--policy", dtype=prec.dtype)
-        policy = (lora.load_lora(base, os.path.join(args.out, lora.ADAPTER_DIR)) if args.resume else
-                  lora.add_lora(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets))
+        policy = (
+            lora.load_lora(base, os.path.join(args.out, lora.ADAPTER_DIR))
+            if args.resume
+            else lora.add_lora(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        )
     else:
         policy = load_model(args.out if args.resume else args.policy, tok, "--policy")
     if args.lora_r and not args.ref:

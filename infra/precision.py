@@ -1,4 +1,5 @@
 """--dtype and --optim: mixed precision with fp32 master weights (and fp16 loss scaling), AdamW or 8-bit AdamW."""
+
 import torch
 
 from infra import lora

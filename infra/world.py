@@ -14,6 +14,7 @@ paper's IMDB setup, docs/DVPO.md §6):
     python -m infra.world                      # build into ckpt/ (any script also does this on first use)
     python -m infra.world --label-flip 0.25    # AlpacaFarm-style label noise
 """
+
 import dataclasses
 import functools
 import json
@@ -47,7 +48,9 @@ def is_world_data(path):
 
 @dataclass
 class WorldConfig:
-    seed: int = arg(0, "seed of the grammar, the SFT policy's init and training, and the sampled pairs", "[0, 4294967295]")
+    seed: int = arg(
+        0, "seed of the grammar, the SFT policy's init and training, and the sampled pairs", "[0, 4294967295]"
+    )
     n_train_prompts: int = arg(4000, "RL-train prompts; one preference pair is sampled on each", ">= 1")
     n_eval_prompts: int = arg(500, "held-out prompts; one preference pair is sampled on each", ">= 1")
     sft_steps: int = arg(1200, "SFT optimizer steps on freshly generated reviews", ">= 1")
@@ -56,9 +59,18 @@ class WorldConfig:
     hidden: int = arg(64, "width of the SFT Llama", ">= 1")
     layers: int = arg(2, "layers of the SFT Llama", ">= 1")
     heads: int = arg(4, "attention heads of the SFT Llama", ">= 1")
-    max_new_tokens: int = arg(48, "sampling budget of a pair's response; longer than any review the grammar writes", ">= 1")
-    bt_beta: float = arg(10.0, "Bradley-Terry sharpness: P(a preferred to b) = sigmoid(bt_beta * (gold_a - gold_b))", ">= 0")
-    label_flip: float = arg(0.0, "fraction of training preference labels flipped after sampling (AlpacaFarm-style noise; try 0.25); held-out labels stay unflipped", "[0, 1]")
+    max_new_tokens: int = arg(
+        48, "sampling budget of a pair's response; longer than any review the grammar writes", ">= 1"
+    )
+    bt_beta: float = arg(
+        10.0, "Bradley-Terry sharpness: P(a preferred to b) = sigmoid(bt_beta * (gold_a - gold_b))", ">= 0"
+    )
+    label_flip: float = arg(
+        0.0,
+        "fraction of training preference labels flipped after sampling (AlpacaFarm-style noise; try 0.25); "
+        "held-out labels stay unflipped",
+        "[0, 1]",
+    )
     gen_batch: int = arg(250, "prompts per generate() call while sampling pairs", ">= 1")
 
 
@@ -69,8 +81,14 @@ funny gorgeous impressive lovely perfect powerful superb clever engaging fresh s
 amazing awesome inspiring nice solid outstanding bad awful terrible boring dull horrible weak stupid silly
 annoying painful poor ugly messy lame pathetic dreadful disappointing worthless confusing""".split()
 NEUTRAL_ADJECTIVES = "long short slow loud quiet simple familiar dark old new different typical modern".split()
-VERBS = [("loved", "love"), ("liked", "like"), ("enjoyed", "enjoy"), ("admired", "admire"),
-         ("hated", "hate"), ("disliked", "dislike")]
+VERBS = [
+    ("loved", "love"),
+    ("liked", "like"),
+    ("enjoyed", "enjoy"),
+    ("admired", "admire"),
+    ("hated", "hate"),
+    ("disliked", "dislike"),
+]
 NOUNS = """movie film plot story acting script ending soundtrack music dialogue pacing cinematography lead
 finale premise sequel screenplay editing direction cast camera lighting twist climax""".split()
 INTENSIFIERS = "very really extremely incredibly so quite totally absolutely somewhat slightly".split()
@@ -84,6 +102,7 @@ PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 @functools.lru_cache(maxsize=None)
 def vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
     return SentimentIntensityAnalyzer()
 
 
@@ -121,9 +140,14 @@ class Grammar:
     def clause(self, polarity):
         r, c = self.rng, self.c
         if polarity == 0:
-            return r.choice([f"the {r.choice(NOUNS)} was {r.choice(NEUTRAL_ADJECTIVES)}",
-                             f"i watched it {r.choice(WHEN)}", f"i saw this {r.choice(NOUNS)} {r.choice(WHEN)}",
-                             f"it was {article(adj := r.choice(NEUTRAL_ADJECTIVES))} {adj} {r.choice(NOUNS)}"])
+            return r.choice(
+                [
+                    f"the {r.choice(NOUNS)} was {r.choice(NEUTRAL_ADJECTIVES)}",
+                    f"i watched it {r.choice(WHEN)}",
+                    f"i saw this {r.choice(NOUNS)} {r.choice(WHEN)}",
+                    f"it was {article(adj := r.choice(NEUTRAL_ADJECTIVES))} {adj} {r.choice(NOUNS)}",
+                ]
+            )
         negate = r.random() < 0.2  # "not bad" carries positive polarity
         sign = -polarity if negate else polarity
         adj = r.choice(c["pos"] if sign > 0 else c["neg"])
@@ -132,7 +156,8 @@ class Grammar:
         noun = r.choice(NOUNS)
         kind = r.randrange(4)
         if kind == 0:
-            return f"the {noun} {r.choice(['was', 'felt', 'seemed'])} {r.choice(NEGATIONS) + ' ' if negate else ''}{mod}{adj}"
+            verb, negation = r.choice(["was", "felt", "seemed"]), r.choice(NEGATIONS) + " " if negate else ""
+            return f"the {noun} {verb} {negation}{mod}{adj}"
         if kind == 1 and not negate:
             return f"it was {article(mod or adj)} {mod}{adj} {noun}"
         if negate:
@@ -170,14 +195,17 @@ class Grammar:
 @functools.lru_cache(maxsize=None)
 def grammar_regex():
     """A regular expression for every review the grammar writes (slightly looser), to measure fluency."""
+
     def alt(words):
         return "(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
 
     noun, adj, mod = alt(NOUNS), alt(ADJECTIVES + NEUTRAL_ADJECTIVES), alt(INTENSIFIERS)
     when = alt(WHEN)
-    clause = (f"the {noun} (?:was|felt|seemed) (?:{alt(NEGATIONS)} )?(?:{mod} )?{adj}"
-              f"|it was an? (?:{mod} )?{adj} {noun}|i did not {alt(v[1] for v in VERBS)} the {noun}"
-              f"|i (?:really )?{alt(v[0] for v in VERBS)} the {noun}|i watched it {when}|i saw this {noun} {when}")
+    clause = (
+        f"the {noun} (?:was|felt|seemed) (?:{alt(NEGATIONS)} )?(?:{mod} )?{adj}"
+        f"|it was an? (?:{mod} )?{adj} {noun}|i did not {alt(v[1] for v in VERBS)} the {noun}"
+        f"|i (?:really )?{alt(v[0] for v in VERBS)} the {noun}|i watched it {when}|i saw this {noun} {when}"
+    )
     sentence = f"(?:{clause})(?: (?:but|and) (?:{clause}))?"
     return re.compile(f"(?:{alt(OPENERS)} )?{sentence}(?: \\. {sentence})* \\.")
 
@@ -189,8 +217,18 @@ def is_grammatical(text):
 
 def vocabulary():
     c = lexicon_classes()
-    words = (c["pos"] + c["neg"] + NEUTRAL_ADJECTIVES + NOUNS + INTENSIFIERS + NEGATIONS + FUNCTION_WORDS
-             + [w for v in VERBS for w in v] + " ".join(OPENERS + WHEN).split() + ["really"])
+    words = (
+        c["pos"]
+        + c["neg"]
+        + NEUTRAL_ADJECTIVES
+        + NOUNS
+        + INTENSIFIERS
+        + NEGATIONS
+        + FUNCTION_WORDS
+        + [w for v in VERBS for w in v]
+        + " ".join(OPENERS + WHEN).split()
+        + ["really"]
+    )
     return list(dict.fromkeys(words))
 
 
@@ -203,27 +241,55 @@ def build_tokenizer(words):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK, padding_side="left", model_max_length=128)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+        model_max_length=128,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- SFT policy
 def build_sft(tok, grammar, cfg: WorldConfig, progress=True):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
 
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden,
+        intermediate_size=4 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=True, top_k=0, top_p=1.0)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     warmup = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.sft_steps) / cfg.sft_steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.sft_steps) / cfg.sft_steps)))
+        ),
+    )
     model.train()
     loss = torch.tensor(0.0)
     for _ in cli.progress(range(cfg.sft_steps), "world: SFT policy", progress, lambda: f"loss {loss.item():.3f}"):
@@ -246,8 +312,10 @@ def sample_responses(model, tok, prompts, max_new_tokens, batch_size, progress=T
     processor). Returns (texts, ended_with_eos); a text continues its prompt, leading space included."""
     texts, ended = [], []
     for i in cli.progress(range(0, len(prompts), batch_size), desc, progress):
-        enc = tok(prompts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="left")
-        response = models.sample(model, tok, enc.input_ids, enc.attention_mask, max_new_tokens)[:, enc.input_ids.shape[1]:]
+        enc = tok(prompts[i : i + batch_size], padding=True, return_tensors="pt", padding_side="left")
+        response = models.sample(model, tok, enc.input_ids, enc.attention_mask, max_new_tokens)[
+            :, enc.input_ids.shape[1] :
+        ]
         texts += models.continuations(tok, enc.input_ids, response)  # generate pads a finished response
         ended += (response == tok.eos_token_id).any(1).tolist()
     return texts, ended
@@ -284,11 +352,15 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     for name, mine in (("sft", "config.json"), ("data", MARKER)):  # never replace what a world build did not write
         folder = os.path.join(root, name)
         if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, mine)):
-            raise cli.UsageError(f"{folder}: exists and is not a world's {name} folder (no {mine}); "
-                                     "build the world in another folder")
+            raise cli.UsageError(
+                f"{folder}: exists and is not a world's {name} folder (no {mine}); build the world in another folder"
+            )
     t0 = time.time()
-    print(f"building the embedded world into {root}/ (seed {cfg.seed}): corpus, tokenizer, SFT policy, "
-          f"prompts, preference pairs", flush=True)
+    print(
+        f"building the embedded world into {root}/ (seed {cfg.seed}): corpus, tokenizer, SFT policy, "
+        f"prompts, preference pairs",
+        flush=True,
+    )
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     grammar = Grammar(rng)
@@ -302,7 +374,7 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
         if p not in seen:
             seen.add(p)
             prompts.append(p)
-    train_prompts, eval_prompts = prompts[:cfg.n_train_prompts], prompts[cfg.n_train_prompts:]
+    train_prompts, eval_prompts = prompts[: cfg.n_train_prompts], prompts[cfg.n_train_prompts :]
 
     torch.manual_seed(cfg.seed + 1)
     both = train_prompts + eval_prompts
@@ -319,15 +391,20 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
 
     gold = gold_scores(a)
     stats = {
-        "vocab_size": len(tok), "sft_params": sum(p.numel() for p in model.parameters()),
-        "sft_final_loss": round(sft_loss, 4), "sft_eos_rate": sum(a_eos) / len(a_eos),
+        "vocab_size": len(tok),
+        "sft_params": sum(p.numel() for p in model.parameters()),
+        "sft_final_loss": round(sft_loss, 4),
+        "sft_eos_rate": sum(a_eos) / len(a_eos),
         "sft_grammatical_rate": sum(is_grammatical(p + x) for p, x in zip(both, a)) / len(a),
         "sft_gold_mean": sum(gold) / len(gold),
         "sft_gold_frac_pos": sum(g > 0.05 for g in gold) / len(gold),
         "sft_gold_frac_neg": sum(g < -0.05 for g in gold) / len(gold),
-        "n_prompts_train": len(train_prompts), "n_prompts_eval": len(eval_prompts),
-        "n_pairs_train": len(pairs_train), "n_pairs_eval": len(pairs_eval),
-        "label_agrees_with_gold": sum(r["score_chosen"] > r["score_rejected"] for r in pairs_train) / max(1, len(pairs_train)),
+        "n_prompts_train": len(train_prompts),
+        "n_prompts_eval": len(eval_prompts),
+        "n_pairs_train": len(pairs_train),
+        "n_pairs_eval": len(pairs_eval),
+        "label_agrees_with_gold": sum(r["score_chosen"] > r["score_rejected"] for r in pairs_train)
+        / max(1, len(pairs_train)),
         "samples": [p + " |" + x for p, x in zip(both[:5], a[:5])],
         "build_seconds": round(time.time() - t0, 1),
     }
@@ -352,17 +429,20 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
             os.rename(os.path.join(tmp, name), dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"world ready in {stats['build_seconds']}s: vocab {stats['vocab_size']}, SFT {stats['sft_params']:,} params "
-          f"(loss {stats['sft_final_loss']}), pairs {stats['n_pairs_train']} train / {stats['n_pairs_eval']} held-out",
-          flush=True)
+    print(
+        f"world ready in {stats['build_seconds']}s: vocab {stats['vocab_size']}, SFT {stats['sft_params']:,} params "
+        f"(loss {stats['sft_final_loss']}), pairs {stats['n_pairs_train']} train / {stats['n_pairs_eval']} held-out",
+        flush=True,
+    )
     return stats
 
 
 def ensure_world(root=ROOT, progress=True):
     """Build the world unless root/data holds a complete one; under torchrun rank 0 builds it while the
     others wait."""
-    if distributed.is_main() and not (os.path.exists(os.path.join(root, "data", MARKER)) and
-                                      os.path.isdir(os.path.join(root, "sft"))):
+    if distributed.is_main() and not (
+        os.path.exists(os.path.join(root, "data", MARKER)) and os.path.isdir(os.path.join(root, "sft"))
+    ):
         build_world(root, WorldConfig(), progress)
     distributed.barrier()
 

@@ -1,0 +1,339 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import compare
+import dpo_baseline
+import dvpo
+import grpo_baseline
+import gvm
+import ppo_baseline
+import remax_baseline
+from helpers import ENV, REPO, bad_input_cases, one_line_error, other_tokenizer_gvm, pair_files, tiny_dvpo_argv
+from infra import checkpoint, world
+
+
+def test_bad_input_is_one_line_exit_2_and_no_output(tiny_world, tmp_path, capsys):
+    sft = str(tiny_world / "sft")
+    data = str(tiny_world / "data" / "pairs_train.jsonl")
+    for extra, message in bad_input_cases(tmp_path, sft):
+        out = tmp_path / "gvm_out"
+        argv = ["--model", sft, "--data", data, "--eval-data", data, "--out", str(out), "--max-steps", "1"] + extra
+        with pytest.raises(SystemExit) as e:
+            gvm.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2, (extra, err)
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (extra, err)
+        assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".gvm_out")]
+
+
+def test_atomic_dir_keeps_the_last_good_output_when_a_run_fails(tmp_path):
+    out = tmp_path / "ckpt"
+    with checkpoint.atomic_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "model"), "w").write("good")
+    with pytest.raises(RuntimeError):
+        with checkpoint.atomic_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "model"), "w").write("half")
+            raise RuntimeError("crash mid-save")
+    assert (out / "model").read_text() == "good"
+    assert os.listdir(tmp_path) == ["ckpt"]  # no temporary folder left behind
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "gvm.py"),
+            "--data",
+            str(tmp_path / "nope.jsonl"),
+            "--model",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dvpo_bad_input_is_one_line_exit_2_and_no_output(tiny_world, tiny_gvm, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        (["--gvm", str(tmp_path / "nowhere")], "nowhere: no such folder"),
+        (["--gvm", str(tiny_world / "sft")], "not a gvm checkpoint"),
+        (["--gvm", other_tokenizer_gvm(tiny_world, tmp_path / "other_tok")], "another tokenizer"),
+        (["--prompts", str(empty)], "empty.jsonl: the file is empty"),
+        (["--minibatch-size", "3"], "--minibatch-size 3 does not divide --batch-size 8"),
+        (["--advantage", "magic"], "--advantage magic"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "dvpo_out"
+        with pytest.raises(SystemExit) as e:
+            dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, *extra))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (extra, err)
+        assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".dvpo_out")]
+
+
+def test_every_numeric_flag_is_checked_before_any_work(tiny_world, tiny_gvm, tmp_path, capsys):
+    import evaluate
+
+    sft, pairs = str(tiny_world / "sft"), str(tiny_world / "data" / "pairs_train.jsonl")
+    gvm_argv = ["--model", sft, "--data", pairs, "--eval-data", pairs, "--out", str(tmp_path / "out")]
+    cases = [
+        (gvm.main, gvm_argv + flags, message)
+        for flags, message in [
+            (["--lr", "nan"], "--lr nan: must be a finite number"),
+            (["--lr", "-1"], "--lr -1.0: must be > 0"),
+            (["--max-len", "1"], "--max-len 1: must be >= 2"),
+            (["--seed", "-1"], "--seed -1: must lie in"),
+            (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+            (["--max-steps", "0"], "--max-steps 0"),
+        ]
+    ]
+    cases += [
+        (dvpo.main, tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out", *flags), message)
+        for flags, message in [
+            (["--lr", "-1"], "--lr -1.0: must be > 0"),
+            (["--kl-horizon", "0"], "--kl-horizon 0: must be >= 1"),
+            (["--adaptive-kl", "--target-kl", "0"], "--target-kl 0.0: must be > 0"),
+            (["--cliprange", "-1"], "--cliprange -1.0"),
+            (["--max-grad-norm", "-1"], "--max-grad-norm -1.0"),
+            (["--temperature", "inf"], "--temperature inf: must be a finite number"),
+            (["--bogus"], "unrecognized"),
+        ]
+    ]
+    rm_argv = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "out")[2:]
+    cases += [
+        (ppo_baseline.main, rm_argv + flags, message)
+        for flags, message in [
+            (["--critic-lr", "-1"], "--critic-lr -1.0"),
+            (["--rm-lr", "nan"], "--rm-lr nan"),
+            (["--vf-coef", "-1"], "--vf-coef -1.0"),
+        ]
+    ]
+    cases += [
+        (grpo_baseline.main, rm_argv + flags, message)
+        for flags, message in [
+            (["--group-size", "1"], "--group-size 1: must be >= 2"),
+            (["--kl-coef", "-1"], "--kl-coef -1.0"),
+        ]
+    ]
+    cases += [
+        (remax_baseline.main, rm_argv + ["--minibatch-size", "3"], "--minibatch-size 3 does not divide --batch-size 8")
+    ]
+    cases += [
+        (dpo_baseline.main, ["--policy", sft, "--data", pairs, "--out", str(tmp_path / "out"), *flags], message)
+        for flags, message in [
+            (["--beta", "0"], "--beta 0.0: must be > 0"),
+            (["--epochs", "0"], "--epochs 0"),
+            (["--gold", "x"], "--gold x: choose one of"),
+        ]
+    ]
+    cases += [
+        (evaluate.main, [sft, "--json", str(tmp_path / "out" / "e.json"), *flags], message)
+        for flags, message in [
+            (["--temperature", "0"], "--temperature 0.0: must be > 0"),
+            (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+        ]
+    ]
+    cases += [
+        (compare.main, ["--root", str(tmp_path / "out"), *flags], message)
+        for flags, message in [
+            (["--seeds", "a"], "--seeds a"),
+            (["--extra", "--bogus 1"], "unrecognized arguments: --bogus"),
+            (["--methods", "dvpo,trpo"], "--methods dvpo,trpo: choose from"),
+        ]
+    ]
+    cases += [
+        (world.main, ["--out", str(tmp_path / "out"), "--label-flip", "2"], "--label-flip 2.0: must lie in [0, 1]")
+    ]
+    for main, argv, message in cases:
+        err = one_line_error(capsys, lambda: main(argv))
+        assert message in err, (argv, err)
+        assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == [], argv
+
+
+def test_output_paths_are_checked_before_any_work_and_no_user_file_is_moved(tiny_world, tiny_gvm, tmp_path, capsys):
+    import evaluate
+
+    user_file, user_dir = tmp_path / "notes.txt", tmp_path / "mine"
+    user_file.write_text("mine")
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("mine")
+    sft, pairs = str(tiny_world / "sft"), str(tiny_world / "data" / "pairs_train.jsonl")
+    runs = [
+        lambda out: gvm.main(["--model", sft, "--data", pairs, "--eval-data", pairs, "--out", out]),
+        lambda out: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out)),
+    ]
+    for run in runs:
+        for out, message in (
+            (user_file, "notes.txt: is a file"),
+            (user_dir, "mine: a folder these scripts did not write"),
+            (user_file / "run", "notes.txt is a file, not a folder"),
+            ("/proc/dvpo-run", "cannot write in /proc"),
+        ):
+            assert message in one_line_error(capsys, lambda: run(str(out)))
+    assert user_file.read_text() == "mine" and (user_dir / "thesis.tex").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]  # nothing moved aside, nothing left behind
+    for main, argv, message in (
+        (evaluate.main, [sft, "--json", "/proc/x/eval.json"], "--json /proc/x/eval.json: cannot write"),
+        (evaluate.main, [sft, "--json", str(user_dir)], "is a folder; name a file"),
+        (compare.main, ["--root", "/proc/bench"], "--root /proc/bench: cannot write"),
+        (compare.main, ["--root", str(tmp_path / "b"), "--json", "/proc/c.json"], "--json /proc/c.json"),
+    ):
+        assert message in one_line_error(capsys, lambda: main(argv))
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]
+    prompts = str(tiny_world / "data" / "prompts_eval.jsonl")
+    evaluate.main(
+        [sft, "--prompts", prompts, "--n-prompts", "4", "--json", str(tmp_path / "new" / "dir" / "eval.json")]
+    )
+    assert json.loads((tmp_path / "new" / "dir" / "eval.json").read_text())["results"][0]["n"] == 4
+
+
+def test_inputs_are_checked_before_any_expensive_step(tiny_world, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    trained = []
+    monkeypatch.setattr(gvm, "train", lambda *a, **k: trained.append(a))
+    argv = [
+        "--policy",
+        str(tiny_world / "sft"),
+        "--data",
+        str(tiny_world / "data" / "pairs_train.jsonl"),
+        "--prompts",
+        str(empty),
+        "--rm-out",
+        str(tmp_path / "rm"),
+        "--out",
+        str(tmp_path / "ppo"),
+    ]
+    assert "empty.jsonl" in one_line_error(capsys, lambda: ppo_baseline.main(argv))
+    assert not trained and not (tmp_path / "rm").exists()  # stage A never started
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "gvm.py"), "--data", str(broken)],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "row 2 is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpt").exists()  # the default --model's world was not built for a bad --data
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_output(tiny_world, tiny_gvm, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(REPO, "dvpo.py"),
+            *tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1000", "--save-every", "2"),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job ignores SIGINT, and a child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    for line in proc.stdout:
+        if line.startswith("step 3/"):  # a checkpoint at step 2 exists; the next save is under way soon
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted: the output folder holds the last complete save, if any"
+    ], err
+    assert json.loads((out / "summary.json").read_text())["train/steps"] >= 2
+    assert os.listdir(tmp_path) == ["run"]  # no temporary folder left
+
+
+def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(tmp_path):
+    dead = subprocess.run(["true"]).args and subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f".run-tmp-{dead.pid}-abc", tmp_path / f".run-tmp-{os.getpid()}-xyz"
+    stale.mkdir()
+    live.mkdir()
+    with checkpoint.atomic_dir(str(tmp_path / "run")) as tmp:
+        open(os.path.join(tmp, "model"), "w").write("ok")
+    assert not stale.exists() and live.exists() and (tmp_path / "run" / "model").read_text() == "ok"
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(tiny_world, tiny_gvm, tmp_path, capsys):
+    out = tmp_path / "run"
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1", "--save-every", "1"))
+    capsys.readouterr()
+    for name, message in (
+        (checkpoint.STATE_FILE, f"{checkpoint.STATE_FILE} is damaged"),
+        ("model.safetensors", "gave no model"),
+    ):
+        backup = (out / name).read_bytes()
+        for damaged in (b"", backup[: len(backup) // 2]):
+            (out / name).write_bytes(damaged)
+            err = one_line_error(
+                capsys,
+                lambda: dvpo.main(
+                    tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2", "--save-every", "1", "--resume")
+                ),
+            )
+            assert message in err and str(out) in err, err
+        (out / name).write_bytes(backup)
+
+
+def test_evaluate_checks_a_gvms_tokenizer_and_builds_no_world_for_it(families, tiny_world, tmp_path, capsys):
+    import evaluate
+
+    files = pair_files(tiny_world, tmp_path)
+    gvm.main(
+        [
+            "--model",
+            str(families / "gpt2"),
+            "--data",
+            files["strings"],
+            "--eval-data",
+            files["strings"],
+            "--out",
+            str(tmp_path / "gvm"),
+            "--max-steps",
+            "1",
+        ]
+    )
+    err = one_line_error(
+        capsys,
+        lambda: evaluate.main([str(families / "llama"), "--prompts", files["strings"], "--gvm", str(tmp_path / "gvm")]),
+    )
+    assert "with another tokenizer than" in err
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # no --pairs, a GVM trained on other data: no accuracy on the world's movie-review pairs, no world built
+        evaluate.main(
+            [
+                str(families / "gpt2"),
+                "--prompts",
+                files["strings"],
+                "--gvm",
+                str(tmp_path / "gvm"),
+                "--n-prompts",
+                "2",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+    finally:
+        os.chdir(cwd)
+    assert "no held-out pairs for its accuracy" in capsys.readouterr().out and not (tmp_path / "ckpt").exists()
