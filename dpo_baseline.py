@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import gvm
 import rollout
-from infra import checkpoint, cli, data, heldout, memory, models, precision, report, world
+from infra import checkpoint, cli, data, memory, models, precision, report, world
 from infra.cli import arg
 from infra.flags import PolicyFlags, check_policy_flags
 
@@ -173,7 +173,7 @@ def train(args: Args):
         nonlocal ev
         if eval_prompts:
             with prec.autocast():
-                ev = heldout.evaluate(policy, ref, tok, eval_prompts, args, use_gold)
+                ev = evaluate.held_out(policy, ref, tok, eval_prompts, args, use_gold)
         if held:
             ev["eval/rewards_accuracy"] = implicit_accuracy(policy, ref, tok, held, args, prec)
         if ev:

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+import evaluate
 import gvm
 import rollout
-from infra import checkpoint, cli, data, distributed, heldout, memory, models, precision, report, world
+from infra import checkpoint, cli, data, distributed, memory, models, precision, report, world
 from infra.cli import UsageError, arg
 from infra.flags import RLFlags, check_rl_flags
 
@@ -233,9 +234,9 @@ def train(args: Args):
     )
     t0 = time.time() - elapsed
     for step in tqdm(range(start, args.steps + 1), desc="dvpo", leave=False, disable=not distributed.is_main() or None):
-        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not heldout.done(records, step):
+        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not evaluate.done(records, step):
             with prec.autocast():
-                ev = heldout.evaluate(policy, ref, tok, eval_prompts, args, use_gold)
+                ev = evaluate.held_out(policy, ref, tok, eval_prompts, args, use_gold)
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
             tqdm.write(f"eval step {step} | " + report.eval_text(ev))
         if step == args.steps:
@@ -271,8 +272,8 @@ def train(args: Args):
             kl = rollout.kl_k1(old_logp, ref_logp) * r.response_mask
             rewards = kl_rewards(kl, r.response_mask, r.ended, kl_ctl.beta, args.missing_eos_penalty)
             with prec.autocast():
-                # 4. frozen-GVM values and 5. advantages (gvm_advantages, above), whitened over the global batch
-                # (the moments summed over every rank's share); V(s_T), the complete response's value, is logged
+                # 4. the frozen GVM's values V(s_0 .. s_R); V(s_T), the complete response's value, is logged;
+                # 5. the advantages (gvm_advantages, above), whitened over the global batch (moments over all ranks)
                 adv, score = gvm_advantages(value_model, r, rewards, args)
                 adv = rollout.masked_whiten(adv, r.response_mask, total=distributed.all_reduce)
         # 6. PPO epochs of the clipped objective, micro-batches accumulated into each minibatch's step

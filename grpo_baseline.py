@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+import evaluate
 import reward
 import rollout
-from infra import checkpoint, cli, data, distributed, heldout, memory, models, precision, report, world
+from infra import checkpoint, cli, data, distributed, memory, models, precision, report, world
 from infra.cli import arg
 from infra.flags import RLFlags, check_rl_flags
 
@@ -211,9 +212,9 @@ def train(args: Args):
     )
     t0 = time.time() - elapsed
     for step in tqdm(range(start, args.steps + 1), desc="grpo", leave=False, disable=not distributed.is_main() or None):
-        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not heldout.done(records, step):
+        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not evaluate.done(records, step):
             with prec.autocast():
-                ev = heldout.evaluate(policy, ref, tok, eval_prompts, args, use_gold)
+                ev = evaluate.held_out(policy, ref, tok, eval_prompts, args, use_gold)
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
             tqdm.write(f"eval step {step} | " + report.eval_text(ev))
         if step == args.steps:

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+import evaluate
 import gvm
 import reward
 import rollout
-from infra import checkpoint, cli, data, distributed, heldout, lora, memory, models, precision, report, world
+from infra import checkpoint, cli, data, distributed, lora, memory, models, precision, report, world
 from infra.cli import arg
 from infra.flags import RLFlags, check_rl_flags
 
@@ -264,9 +265,9 @@ def train(args: Args):
     )
     t0 = time.time() - elapsed
     for step in tqdm(range(start, args.steps + 1), desc="ppo", leave=False, disable=not distributed.is_main() or None):
-        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not heldout.done(records, step):
+        if eval_prompts and (step % args.eval_every == 0 or step == args.steps) and not evaluate.done(records, step):
             with prec.autocast():
-                ev = heldout.evaluate(policy, ref, tok, eval_prompts, args, use_gold)
+                ev = evaluate.held_out(policy, ref, tok, eval_prompts, args, use_gold)
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
             tqdm.write(f"eval step {step} | " + report.eval_text(ev))
         if step == args.steps:
@@ -302,8 +303,8 @@ def train(args: Args):
             kl = rollout.kl_k1(old_logp, ref_logp) * r.response_mask
             rewards = kl_rewards(kl, r.response_mask, r.ended, kl_ctl.beta, args.missing_eos_penalty)
             with prec.autocast():
-                # 4. reward-model score and critic values and 5. GAE advantages (critic_advantages, above), whitened
-                # over the global batch (the moments summed over every rank's share)
+                # 4. the reward model's score at each response's last token, the critic's values;
+                # 5. GAE advantages and returns (critic_advantages, above), whitened over the global batch
                 adv, returns, old_values, score = critic_advantages(reward_model, critic, r, rewards, args)
                 adv = rollout.masked_whiten(adv, r.response_mask, total=distributed.all_reduce)
         # 6. PPO epochs of the clipped objective and the critic's value loss, micro-batches accumulated

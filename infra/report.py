@@ -12,7 +12,7 @@ def gold_text(m, key, ci_key=None):
 
 
 def eval_text(ev):
-    """A held-out evaluation (heldout.evaluate) as the printed line's text."""
+    """A held-out evaluation (evaluate.held_out) as the printed line's text."""
     gold = gold_text(ev, "eval/gold", "eval/gold_ci95")
     return (
         f"held-out gold {gold} | " if gold else ""

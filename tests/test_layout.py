@@ -58,7 +58,7 @@ def test_each_method_file_is_dvpos_skeleton_with_its_own_algorithm(name):
         text = inspect.getsource(module.train)
         where = [text.find(step) for step in STEPS]
         assert -1 not in where and where == sorted(where), (module.__name__, where)
-        assert "checkpoint.resume_state" in text and "checkpoint.save_run" in text and "heldout.evaluate" in text
+        assert "checkpoint.resume_state" in text and "checkpoint.save_run" in text and "evaluate.held_out" in text
     assert re.search(r"ratio\.clamp\(1 - cliprange, 1 \+ cliprange\)", source("dvpo.py"))  # the clipped objective
 
 
@@ -114,7 +114,7 @@ def test_rollout_is_math_gvm_is_stage_one_and_infra_is_plumbing():
     assert not imports("gvm.py") & stage2
     for f in os.listdir(os.path.join(REPO, "infra")):
         if f.endswith(".py"):
-            assert not imports(f"infra/{f}") & (stage2 | {"gvm"}), f
+            assert not imports(f"infra/{f}") & (stage2 | {"gvm", "rollout"}), f  # plumbing stays below the math
 
 
 @pytest.mark.parametrize(
