@@ -169,7 +169,7 @@ def train(args: Args):
     )
     t0 = time.time() - elapsed
 
-    def evaluate(step):
+    def evaluate_at(step):
         nonlocal ev
         if eval_prompts:
             with prec.autocast():
@@ -207,7 +207,7 @@ def train(args: Args):
         return summary
 
     if start == 0:
-        evaluate(0)
+        evaluate_at(0)
     for step in range(start, total):
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(samples) // 2))
@@ -226,7 +226,7 @@ def train(args: Args):
             flush=True,
         )
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            evaluate(step + 1)
+            evaluate_at(step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save(step + 1, with_state=True)
     summary = save(total, with_state=args.save_every > 0)
