@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import gvm
 import rollout
 from infra import checkpoint, cli, data, memory, models, precision, report, world
