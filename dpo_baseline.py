@@ -218,6 +218,7 @@ def train(args: Args):
             m = dpo_step(policy, ref, tok, opt, prec, batch, args)
         opt.zero_grad(set_to_none=True)
         m.update(probe.pop())
+        report.check_finite(step + 1, m)
         records.append(
             {"step": step + 1, **m, "train/epoch": (step + 1) / steps_per_epoch, "time/elapsed": time.time() - t0}
         )

@@ -301,6 +301,7 @@ def train(args: Args):
             **distributed.mean_over_ranks(probed, maxima=probed),
             "time/elapsed": time.time() - t0,
         }
+        report.check_finite(step + 1, m)
         records.append({"step": step + 1, **m})
         if args.adaptive_kl:
             kl_ctl.update(m["objective/kl"], args.batch_size)

@@ -177,7 +177,7 @@ def run(args: Args):
     if not args.policies:
         raise UsageError("name at least one policy, e.g. python evaluate.py ckpt/sft ckpt/dvpo")
     if args.json:
-        checkpoint.check_output_file(args.json, "--json")
+        checkpoint.check_output_file(args.json, "--json", args)
     device = cli.pick_device(args.device)
     if args.prompts == world.PROMPTS_EVAL:
         world.ensure_world()

@@ -155,6 +155,8 @@ def read_meta(folder, kind="gvm", flag="--gvm"):
             meta = json.load(f)
     except ValueError as e:
         raise UsageError(f"{flag} {path}: damaged ({e})") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{flag} {path}: damaged (a JSON {type(meta).__name__}, not an object)")
     if meta.get("kind") != kind:
         raise UsageError(f"{flag} {folder}: holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
     return meta
@@ -454,7 +456,7 @@ def train(args: Args, objective=None):
     if args.select != "last" and args.select not in SELECT:
         raise UsageError(f"--select {args.select}: must be last or one of {', '.join(SELECT)}")
     check_optimizer(args.optim)
-    checkpoint.check_output_dir(args.out)
+    checkpoint.check_output_dir(args.out, "--out", args)
     device = cli.pick_device(args.device)
     prec = Precision(args.dtype, device)
     cli.seed_everything(args.seed)

@@ -118,7 +118,7 @@ def load_reward_model(path, args, tok, device, dtype):
 def check_output(args):
     """Before any work: stage A's --rm-out can be written, unless --rm names a reward model."""
     if not args.rm:
-        checkpoint.check_output_dir(args.rm_out, "--rm-out")
+        checkpoint.check_output_dir(args.rm_out, "--rm-out", args, also=[("--out", args.out)])
 
 
 def reward_scores(reward_model, r, chunk=0):

@@ -4,6 +4,8 @@ input never leaves a half-written one), metrics.jsonl, and the resumable state o
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -30,27 +32,151 @@ def check_writable(folder, flag, shown=None):
         raise UsageError(f"{flag} {shown}: cannot write in {parent} ({e.strerror})") from None
 
 
-def check_output_dir(path, flag="--out"):
-    """Before any work: path can become this run's output folder. A file there, or a non-empty folder that no
-    run of these scripts wrote (no summary.json), would be replaced, so both are refused."""
-    restore_interrupted(path)
+def check_output_dir(path, flag="--out", args=None, also=()):
+    """Before any work: path can become this run's output folder, and no other run is writing it. Refused: an
+    empty path, a symbolic link, a file, a non-empty folder that no run of these scripts wrote (no
+    summary.json), and a folder that is, holds or lies inside one of the run's inputs (inputs_of(args), and
+    the (flag, path) pairs in `also`), since the output replaces the whole folder. Then it is locked (lock)."""
+    if not path.strip():
+        raise UsageError(f"{flag} {path!r}: name an output folder")
+    out = os.path.realpath(path)
+    for name, value in [*(inputs_of(args) if args is not None else []), *also]:
+        src = os.path.realpath(value)
+        relation = "is" if out == src else "holds" if within(src, out) else "lies inside" if within(out, src) else ""
+        if relation:
+            raise UsageError(f"{flag} {path}: {relation} {name} {value}, an input of this run; name another folder")
+    if os.path.islink(path):
+        raise UsageError(f"{flag} {path}: is a symbolic link; name the folder itself (the link would be replaced)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(
             f"{flag} {path}: is a file; name a folder (it is created, or replaced if an earlier run wrote it)"
         )
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "summary.json")):
+    if os.path.isdir(path) and os.listdir(path) and not is_ours(path):
         raise UsageError(
             f"{flag} {path}: a folder these scripts did not write (no summary.json); it would be "
             "replaced, so name another"
         )
+    old = backup_path(path)
+    if os.path.lexists(old) and not (os.path.isdir(old) and not os.path.islink(old) and is_ours(old)):
+        raise UsageError(
+            f"{flag} {path}: {old} is in the way of its atomic saves and was not written by these scripts; move it away"
+        )
     check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
+    lock(path, flag)
 
 
-def check_output_file(path, flag):
-    """Before any work: path can be written at the end (its folder is created if missing)."""
+def check_output_file(path, flag, args=None):
+    """Before any work: path can be written at the end (its folder is created if missing). An existing file is
+    replaced only if it is a JSON report these scripts wrote (an object with "args"); any other file, or one of
+    the run's inputs, is refused."""
+    if not path.strip():
+        raise UsageError(f"{flag} {path!r}: name an output file")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder; name a file")
+    for name, value in inputs_of(args) if args is not None else []:
+        if os.path.realpath(value) == os.path.realpath(path):
+            raise UsageError(f"{flag} {path}: is {name} {value}, an input of this run; name another file")
+    if os.path.lexists(path):
+        try:
+            with open(path) as f:
+                ours = "args" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise UsageError(f"{flag} {path}: exists and is not a report these scripts wrote; name a new file")
     check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
+
+
+# flags that name what a run reads: an output may be none of them, nor inside one, nor hold one
+INPUT_FLAGS = (
+    "policy",
+    "ref",
+    "gvm",
+    "rm",
+    "model",
+    "data",
+    "eval_data",
+    "prompts",
+    "eval_prompts",
+    "pairs",
+    "policies",
+)
+
+
+def inputs_of(args):
+    """[(--flag, path)] of the inputs a run's flags name; a hub name that is no local path is no input here."""
+    found = []
+    for f in dataclasses.fields(args):
+        values = getattr(args, f.name) if f.name in INPUT_FLAGS else []
+        for value in values if isinstance(values, list) else [values]:
+            if value and (os.path.exists(value) or models.looks_local(value) or value.startswith("ckpt")):
+                found.append(("--" + f.name.replace("_", "-") if f.name != "policies" else "policy", value))
+    return found
+
+
+def within(inner, outer):
+    """Whether real path `inner` lies strictly inside real path `outer`."""
+    return inner != outer and os.path.commonpath([inner, outer]) == outer
+
+
+def is_ours(folder):
+    """A folder these scripts wrote: it holds their summary.json."""
+    return os.path.isfile(os.path.join(folder, "summary.json"))
+
+
+_locks = []  # (lock file, owner) this process created, released by release_locks
+
+
+def lock_path(path):
+    """Where the lock of an output folder lives: in the machine's temporary folder, named by the folder's real
+    path, so that nothing is written beside the user's files and a folder not yet made has a lock too."""
+    digest = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:24]
+    return os.path.join(tempfile.gettempdir(), "dvpo-locks", f"{digest}.lock")
+
+
+def lock(path, flag):
+    """One run at a time per output folder: its lock file (lock_path) holds its owner's pid (under torchrun, the
+    launcher's, so every rank of one run shares it), made atomically with a hard link. A lock whose owner is
+    gone is stale and taken over; another live owner's is refused in one line. cli.run_main releases it."""
+    lock_file, owner = lock_path(path), os.getppid() if distributed.world() > 1 else os.getpid()
+    os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    mine = f"{lock_file}.{os.getpid()}"
+    with open(mine, "w") as f:
+        f.write(str(owner))
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine, lock_file)
+                _locks.append((lock_file, owner))
+                return
+            except FileExistsError:
+                try:
+                    with open(lock_file) as f:
+                        held = int(f.read().strip())
+                except (OSError, ValueError):
+                    held = 0
+                if held == owner:
+                    return
+                if held and pid_alive(held):
+                    raise UsageError(
+                        f"{flag} {path}: another run (pid {held}) is writing it; wait for it to end or "
+                        "name another folder"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock_file)  # stale: its owner is gone
+    finally:
+        os.remove(mine)
+
+
+@cli.at_end
+def release_locks():
+    """Remove the output locks this process made (at the end of a run, whatever its end)."""
+    while _locks:
+        lock_file, owner = _locks.pop()
+        with contextlib.suppress(OSError, ValueError):
+            with open(lock_file) as f:
+                if int(f.read().strip()) == owner:
+                    os.remove(lock_file)
 
 
 def write_json(path, obj):
@@ -92,10 +218,11 @@ def backup_path(out):
 
 
 def restore_interrupted(out):
-    """A save interrupted between atomic_dir's two renames leaves the last good output at its backup path:
-    put it back (or drop the backup when the new output made it)."""
+    """A save interrupted between atomic_dir's two renames leaves the last good output at its backup path: put
+    it back (or drop the backup when the new output made it). Only a backup these scripts wrote (is_ours) is
+    touched: a user's folder of that name stays as it is."""
     old = backup_path(out)
-    if os.path.isdir(old):
+    if os.path.isdir(old) and not os.path.islink(old) and is_ours(old):
         if os.path.exists(out):
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -116,13 +243,30 @@ def atomic_dir(out):
         distributed.barrier()
         return
     restore_interrupted(out)
-    tmp = make_tmp_dir(os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out)))
+    parent = os.path.dirname(os.path.abspath(out))
+    tmp = make_tmp_dir(parent, os.path.basename(os.path.abspath(out)))
     try:
-        yield tmp
-        if os.path.exists(out):
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            if not (
+                isinstance(e, OSError)
+                and e.errno == errno.ENOSPC
+                or "inline_container" in str(e)
+                or "write" in str(e).lower()
+                and shutil.disk_usage(parent).free < 2**30
+            ):
+                raise
+            raise UsageError(
+                f"{out}: the save failed, {shutil.disk_usage(parent).free / 2**20:.0f} MiB free in "
+                f"{parent} ({type(e).__name__}); the last complete save is kept"
+            ) from None
+        moved = os.path.exists(out)
+        if moved:
             os.rename(out, backup_path(out))
         os.rename(tmp, out)
-        restore_interrupted(out)
+        if moved:
+            shutil.rmtree(backup_path(out), ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
@@ -178,10 +322,12 @@ def flag_text(name, value):
 def check_resume(args):
     """--resume continues the run checkpointed in --out, so every flag that shapes its updates must be as that
     run had it (its summary.json); the others are RESUME_MAY_CHANGE."""
-    restore_interrupted(args.out)
-    if not os.path.isfile(os.path.join(args.out, STATE_FILE)):
+    folder = args.out  # or, after a save interrupted between its renames, the last good one (restored once accepted)
+    if not os.path.isdir(folder) and is_ours(backup_path(args.out)):
+        folder = backup_path(args.out)
+    if not os.path.isfile(os.path.join(folder, STATE_FILE)):
         raise UsageError(f"--resume: {args.out} holds no resumable checkpoint (write one with --save-every)")
-    path = os.path.join(args.out, "summary.json")
+    path = os.path.join(folder, "summary.json")
     try:
         with open(path) as f:
             before = json.load(f)["args"]
@@ -208,6 +354,11 @@ def load_state(args, name):
         raise UsageError(
             f"--resume: {path} is damaged ({type(e).__name__}); resume from an earlier copy or start again"
         ) from None
+    needed = {"algo", "step", "records", "eval", "elapsed", "rng"}
+    if not isinstance(st, dict) or not needed <= set(st):
+        raise UsageError(
+            f"--resume: {path} is damaged (not a trainer state); resume from an earlier copy or start again"
+        )
     if st["algo"] != name:
         raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {name} one")
     return st

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import random
+import re
 import sys
 import time
 
@@ -17,6 +18,15 @@ from infra import distributed
 
 class UsageError(Exception):
     """A user mistake (bad flag, file, row): reported as one line and exit code 2, never a traceback."""
+
+
+_at_end = []
+
+
+def at_end(fn):
+    """Register fn() to run when run_main ends, however it ends (infra/checkpoint.py releases its locks)."""
+    _at_end.append(fn)
+    return fn
 
 
 def run_main(fn):
@@ -35,6 +45,9 @@ def run_main(fn):
         if distributed.is_main():
             print("interrupted: the output folder holds the last complete save, if any", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for end in _at_end:
+            end()
 
 
 def single_process(script):
@@ -99,6 +112,8 @@ def check_args(args):
         value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{flag} {value}: must be a finite number")
+        if f.name == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise UsageError(f"--device {value}: use auto, cpu, cuda or cuda:N")
         check = f.metadata.get("check")
         if check and not in_range(value, check):
             raise UsageError(

@@ -54,17 +54,30 @@ def load_rows(path, split="train", flag="--data"):
             ds = datasets.load_dataset(path, split=split)
         else:
             raise UsageError(f"{flag} {path}: no such file")
+        rows = list(ds)  # in the try: a dataset can decode its rows lazily
     except UsageError:
         raise
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: {not_utf8(path) if os.path.isfile(path) else 'not UTF-8 text'}") from None
     except Exception as e:  # datasets wraps parse errors in several exception types
         raise UsageError(
             f"{flag} {path}: cannot read it "
             f"({bad_json_line(path) or type(e).__name__ + ': ' + (str(e).splitlines() or [''])[0][:200]})"
         ) from None
-    rows = list(ds)
     if not rows:
         raise UsageError(f"{flag} {path}: no rows")
     return rows
+
+
+def not_utf8(path):
+    """'row N is not UTF-8 text' for the first line of a file that does not decode (a text file must be UTF-8)."""
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"row {i} is not UTF-8 text (byte {line[e.start]:#04x}); save the file as UTF-8"
+    return "not UTF-8 text; save the file as UTF-8"
 
 
 def bad_json_line(path):
@@ -132,7 +145,9 @@ def is_messages(x):
 
 
 def text_of(x, name):
-    if not isinstance(x, str) or not x.strip():
+    if x is not None and not isinstance(x, str):
+        raise BadRow(f"'{name}' is a {type(x).__name__}, not text")
+    if not x or not x.strip():
         raise BadRow(f"'{name}' is missing or empty")
     return x
 
@@ -159,6 +174,13 @@ def split_common_prefix(chosen, rejected):
 def normalise_pair(row):
     """(prompt, chosen text, rejected text) from any preference-row shape; the prompt is a string or a
     message list."""
+    prompt, chosen, rejected = _normalise_pair(row)
+    if chosen == rejected:
+        raise BadRow("'chosen' and 'rejected' are the same response: a tie teaches no preference")
+    return prompt, chosen, rejected
+
+
+def _normalise_pair(row):
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
     if is_messages(chosen) or is_messages(rejected):
         if not (is_messages(chosen) and is_messages(rejected)):

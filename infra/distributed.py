@@ -115,6 +115,8 @@ def check_flags(fsdp, lora_r, optim, shard_frozen=False):
             f"--fsdp with --optim {optim}: bitsandbytes' 8-bit AdamW does not take FSDP2's sharded parameters; "
             "use adamw"
         )
+    if fsdp and world() == 1:
+        return "--fsdp shards over torchrun's processes: start the script with torchrun, or leave --fsdp out"
     return None
 
 

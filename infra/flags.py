@@ -114,9 +114,10 @@ def check_policy_flags(args):
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
     precision.check_optimizer(args.optim)
-    checkpoint.check_output_dir(args.out)
+    checkpoint.check_output_dir(args.out, "--out", args)
     if args.resume:
         checkpoint.check_resume(args)
+        checkpoint.restore_interrupted(args.out)  # accepted: an interrupted save's last good output goes back
 
 
 def check_rl_flags(args):

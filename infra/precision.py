@@ -64,5 +64,8 @@ def bitsandbytes(flag):
 
 
 def check_optimizer(name):
+    """--optim names one of OPTIMIZERS exactly (and adamw8bit's package is installed)."""
+    if name not in OPTIMIZERS:
+        raise UsageError(f"--optim {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if name != "adamw":
         bitsandbytes(f"--optim {name}")

@@ -1,7 +1,10 @@
-"""What a trainer prints: the line of each step, of each held-out evaluation, of the final save, and a table of
-samples. Text only; the numbers themselves go to metrics.jsonl."""
+"""What a trainer prints: the line of each step, of each held-out evaluation, of the final save, a table of
+samples, and the one line a diverged update stops the run with. The numbers themselves go to metrics.jsonl."""
+
+import math
 
 from infra import data
+from infra.cli import UsageError
 
 
 def gold_text(m, key, ci_key=None):
@@ -49,3 +52,14 @@ def saved_text(out, ev, summary):
         + (": " + (f"held-out gold {gold}, " if gold else "") + f"KL {ev['eval/kl']:.2f}" if ev else "")
         + f", {summary['time/wall_seconds']:.0f}s"
     )
+
+
+def check_finite(step, m, flags="--lr"):
+    """Stop the run with one line when a step's loss or entropy is not finite: the update diverged, and its
+    weights would make the next samples NaN. Nothing of this step is saved; --out keeps the last checkpoint."""
+    names = ("loss/policy", "loss/kl", "loss/value", "loss/dpo", "policy/entropy")
+    bad = [f"{k} {m[k]}" for k in names if k in m and not math.isfinite(m[k])]
+    if bad:
+        raise UsageError(
+            f"step {step}: {', '.join(bad)}: the update diverged (lower {flags}); --out keeps its last checkpoint"
+        )

@@ -55,6 +55,9 @@ def test_the_three_preference_shapes_normalise_to_the_same_pair():
             "different conversations",
         ),
         ({"chosen": "same", "rejected": "same and more"}, "share no prompt prefix"),
+        ({"prompt": "p", "chosen": 3, "rejected": "b"}, "'chosen' is a int, not text"),
+        ({"prompt": "p", "chosen": "b", "rejected": {"text": "b"}}, "'rejected' is a dict, not text"),
+        ({"prompt": "p", "chosen": " good .", "rejected": " good ."}, "the same response: a tie teaches no preference"),
     ],
 )
 def test_bad_rows_are_named(row, reason):

@@ -337,3 +337,153 @@ def test_evaluate_checks_a_gvms_tokenizer_and_builds_no_world_for_it(families, t
     finally:
         os.chdir(cwd)
     assert "no held-out pairs for its accuracy" in capsys.readouterr().out and not (tmp_path / "ckpt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- data never lost
+def tree(root):
+    """{relative path: bytes} of every file under root: what a refusal must leave exactly as it was."""
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+def test_an_input_folder_is_never_an_output(tiny_world, tiny_gvm, tmp_path, capsys):
+    """--out may not be, hold, or lie inside any folder the run reads: the output replaces its whole folder."""
+    gvm_copy = tmp_path / "gvm"
+    gvm_copy.mkdir()
+    for f in os.listdir(tiny_gvm):
+        (gvm_copy / f).write_bytes((tiny_gvm / f).read_bytes())
+    (gvm_copy / "summary.json").write_text("{}")  # as gvm.py writes one: a folder these scripts may replace
+    before, sft = tree(tmp_path), tree(tiny_world / "sft")
+    argv = tiny_dvpo_argv(tiny_world, gvm_copy, tmp_path / "unused")
+    argv[argv.index("--gvm") + 1] = str(gvm_copy)
+    cases = [
+        (lambda out: dvpo.main([*argv, "--out", out]), str(gvm_copy), "is --gvm"),
+        (lambda out: dvpo.main([*argv, "--out", out]), str(tmp_path), "holds --gvm"),
+        (lambda out: dvpo.main([*argv, "--out", out]), str(tiny_world / "sft" / "sub"), "lies inside --policy"),
+        (
+            lambda out: gvm.main(["--model", str(tiny_world / "sft"), "--out", out]),
+            str(tiny_world / "sft"),
+            "is --model",
+        ),
+        (lambda out: dvpo.main([*argv, "--out", out]), "", "name an output folder"),
+    ]
+    for run, out, message in cases:
+        assert message in one_line_error(capsys, lambda: run(out)), out
+    ppo = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "ppo")
+    ppo[ppo.index("--gvm") : ppo.index("--gvm") + 2] = ["--rm-out", str(tmp_path / "ppo")]
+    assert "--rm-out" in one_line_error(capsys, lambda: ppo_baseline.main(ppo)) and not (tmp_path / "ppo").exists()
+    assert tree(tmp_path) == before and tree(tiny_world / "sft") == sft  # nothing touched, nothing written
+
+
+def test_a_folder_these_scripts_did_not_write_is_never_moved(tiny_world, tiny_gvm, tmp_path, capsys):
+    """A user's `.target-old` (the name atomic saves use for the last good output) and a symbolic link as --out
+    are refused before any work, and stay exactly as they were."""
+    (tmp_path / ".target-old").mkdir()
+    (tmp_path / ".target-old" / "thesis.tex").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    before = tree(tmp_path)
+    for out, message in ((tmp_path / "target", "in the way of its atomic saves"), (tmp_path / "link", "symbolic link")):
+        assert message in one_line_error(capsys, lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out)))
+    assert tree(tmp_path) == before and os.path.islink(tmp_path / "link")
+    assert sorted(os.listdir(tmp_path)) == [".target-old", "elsewhere", "link"]
+
+
+def test_a_second_run_on_a_busy_output_is_refused_and_a_stale_lock_taken_over(tiny_world, tiny_gvm, tmp_path, capsys):
+    out = tmp_path / "out"
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(os.path.dirname(checkpoint.lock_path(out)), exist_ok=True)
+        with open(checkpoint.lock_path(out), "w") as f:
+            f.write(str(busy.pid))  # a live run holds it
+        err = one_line_error(capsys, lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1")))
+        assert f"another run (pid {busy.pid}) is writing it" in err and not out.exists()
+    finally:
+        busy.kill()
+        busy.wait()
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1"))  # its owner is gone: the lock is stale
+    assert (out / "summary.json").exists() and sorted(os.listdir(tmp_path)) == ["out"]
+    assert not os.path.exists(checkpoint.lock_path(out))  # released at the end
+
+
+def test_evaluate_json_replaces_only_its_own_report(tiny_world, tmp_path, capsys):
+    import evaluate
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    sft, prompts = str(tiny_world / "sft"), str(tiny_world / "data" / "prompts_eval.jsonl")
+    argv = [sft, "--prompts", prompts, "--n-prompts", "2", "--max-new-tokens", "8"]
+    assert "is not a report these scripts wrote" in one_line_error(
+        capsys, lambda: evaluate.main([*argv, "--json", str(notes)])
+    )
+    assert "is --prompts" in one_line_error(capsys, lambda: evaluate.main([*argv, "--json", prompts]))
+    assert notes.read_text() == "mine"
+    report = tmp_path / "eval.json"
+    evaluate.main([*argv, "--json", str(report)])
+    evaluate.main([*argv, "--json", str(report)])  # its own report: replaced
+    assert json.loads(report.read_text())["results"][0]["n"] == 2
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(
+    tiny_world, tiny_gvm, tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    out = tmp_path / "out"
+    argv = tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "4", "--save-every", "2")
+    real_save, saves = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) > 1:  # the second save: the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    err = one_line_error(capsys, lambda: dvpo.main(argv))
+    assert str(out) in err and "MiB free" in err and "the last complete save is kept" in err
+    assert json.loads((out / "summary.json").read_text())["train/steps"] == 2  # the step-2 checkpoint survived
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no half-written folder, no lock left
+    monkeypatch.setattr(torch, "save", real_save)
+    dvpo.main([*argv, "--resume"])
+    assert json.loads((out / "summary.json").read_text())["train/steps"] == 4
+
+
+def test_inputs_that_crashed_or_passed_silently_are_one_line(tiny_world, tiny_gvm, tmp_path, capsys):
+    """--device other than auto/cpu/cuda[:N], an --optim with a stray space, --fsdp without torchrun, a diverging
+    --lr, a damaged value_model.json or trainer state, and a data file that is not UTF-8: each one line, exit 2."""
+    import torch
+
+    out = tmp_path / "out"
+    for extra, says in (
+        (["--device", "mps"], "--device mps: use auto, cpu, cuda or cuda:N"),
+        (["--device", "meta"], "--device meta: use auto"),
+        (["--optim", " adamw8bit"], "--optim ' adamw8bit': choose one of adamw, adamw8bit"),
+        (["--fsdp"], "start the script with torchrun"),
+        (["--lr", "1e10"], "the update diverged (lower --lr)"),
+    ):
+        assert says in one_line_error(capsys, lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, *extra)))
+        assert not out.exists()
+    damaged = tmp_path / "gvm"
+    damaged.mkdir()
+    for f in os.listdir(tiny_gvm):
+        (damaged / f).write_bytes((tiny_gvm / f).read_bytes())
+    (damaged / gvm.META_FILE).write_text("[]")
+    argv = tiny_dvpo_argv(tiny_world, damaged, out)
+    assert "damaged (a JSON list, not an object)" in one_line_error(capsys, lambda: dvpo.main(argv))
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2", "--save-every", "1"))
+    torch.save([1, 2], out / checkpoint.STATE_FILE)
+    resume = tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "3", "--save-every", "1", "--resume")
+    assert "is damaged (not a trainer state)" in one_line_error(capsys, lambda: dvpo.main(resume))
+    latin = tmp_path / "pairs.jsonl"
+    latin.write_bytes(
+        b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n'
+    )
+    err = one_line_error(
+        capsys,
+        lambda: gvm.main(["--model", str(tiny_world / "sft"), "--data", str(latin), "--out", str(tmp_path / "g")]),
+    )
+    assert "pairs.jsonl: row 2 is not UTF-8 text" in err and not (tmp_path / "g").exists()
