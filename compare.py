@@ -8,7 +8,7 @@ methods adapt their beta towards one KL target, so that quality compares at comp
     python compare.py                                   # benchmark world (4-layer Llama), every method, 3 seeds
     python compare.py --methods dvpo,ppo --target-kl 0  # DVPO and PPO alone, each at its fixed beta
     python compare.py --seeds 0 --steps 2 --eval-n 20   # a smoke run
-    python compare.py --analytic docs/llama-3-8b        # the memory model (§7) for a real model's config only
+    python compare.py --analytic docs/model-configs/llama-3-8b  # the memory model (§7) for a real model's config only
 
 Memory on CUDA is torch.cuda.max_memory_allocated per phase; on CPU it is the tally of parameter, gradient and
 optimizer-state bytes plus the peak bytes of activations saved for backward, with process RSS beside it.
