@@ -5,7 +5,7 @@ KL-penalty rewards -> frozen-GVM values -> advantages (--advantage) -> --ppo-epo
 No reward model, no critic training: three models in memory, one of them trained.
 
     python dvpo.py --gvm ckpt/gvm
-    python dvpo.py --gvm ckpt/gvm --advantage released --lam 1.0    # the authors' code: the GVM is a pure baseline
+    python dvpo.py --gvm ckpt/gvm --advantage released    # the authors' code: each sequence's values whitened alone
 """
 
 import os
@@ -174,7 +174,8 @@ def ppo_epochs(policy, opt, prec, r, old_logp, adv, plans, args):
 def load_gvm(args, tok, device, dtype):
     """The GVM in --dtype, checked to share the policy's tokenizer and chat template, frozen for real (§3)."""
     if not os.path.isdir(args.gvm):
-        raise UsageError(f"--gvm {args.gvm}: no such folder (train one first: python gvm.py --out {args.gvm})")
+        what = "a file, not a folder" if os.path.isfile(args.gvm) else "no such folder"
+        raise UsageError(f"--gvm {args.gvm}: {what} (train one: python gvm.py --out FOLDER)")
     gvm.check_tokenizer(gvm.read_meta(args.gvm), tok, f"--gvm {args.gvm}", args.policy, "python gvm.py --model")
     value_model, _, _ = gvm.load_value_model(args.gvm, device, dtype=dtype)
     return value_model.requires_grad_(False).eval()

@@ -210,13 +210,14 @@ def run(args: Args):
                 f"--pairs {pairs_path}",
                 args.max_prompt_len,
                 args.strict,
-                models.position_limit(args.gvm, "--gvm"),
+                models.position_limit(args.gvm, "--gvm", causal_lm=False),
             )
         value_model = gvm.load_value_model(args.gvm, device)[0].eval()
     ref = models.load_model(first, ref_tok, "--ref" if args.ref else "policy").to(device).eval()
     results, scored = [], {}
     for name in args.policies:
         tok = models.load_tokenizer(name, "policy")
+        models.position_limit(name, "policy")  # a causal LM, not a value model
         if models.tokenizer_fingerprint(tok) != models.tokenizer_fingerprint(ref_tok):
             raise UsageError(f"policy {name}: its tokenizer differs from the reference's; KL needs shared token ids")
         policy = models.load_model(name, tok, "policy").to(device).eval()

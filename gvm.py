@@ -27,7 +27,7 @@ from infra.flags import DataFlags, MemoryFlags, RunFlags
 from infra.precision import Precision, check_optimizer, make_optimizer
 from rollout import gae, masked_mean
 
-# held-out metrics a checkpoint can be selected by (README, What makes a good GVM), and whether higher is better
+# held-out metrics a checkpoint can be selected by (docs/results.md, What makes a good GVM); whether higher is better
 SELECT = {
     "acc_final": True,
     "acc_mean": True,
@@ -460,6 +460,8 @@ def train(args: Args, objective=None):
     device = cli.pick_device(args.device)
     prec = Precision(args.dtype, device)
     cli.seed_everything(args.seed)
+    if args.model != world.SFT_DIR:  # a user's model is checked before a world is built for the default data
+        models.position_limit(args.model, "--model")
     train_rows, eval_rows, eval_name = load_data(args)
     if args.model == world.SFT_DIR:
         world.ensure_world()

@@ -1,4 +1,4 @@
-"""What makes a good GVM (README): train the GVM under several pretraining settings, a few seeds each, run
+"""What makes a good GVM (docs/results.md): train the GVM under several pretraining settings, a few seeds each, run
 DVPO from every one of them with the same flags, and ask which held-out GVM metric, measured without a gold
 judge, predicts the held-out gold DVPO then reaches. PPO runs beside them with the same RL flags, so the gap
 that remains is measured in the same sweep. Every run is its own process; a run whose folder already holds a

@@ -315,6 +315,8 @@ def load_rl_prompts(args):
         world.ensure_world()
     tok = models.load_tokenizer(args.policy, "--policy")
     positions = models.position_limit(args.policy, "--policy")
+    if args.ref:
+        models.position_limit(args.ref, "--ref")  # a causal LM too
     if positions and args.max_new_tokens >= positions:
         raise UsageError(
             f"--max-new-tokens {args.max_new_tokens}: --policy {args.policy} has only {positions} positions"

@@ -7,7 +7,7 @@ a script runs as one process, as before.
     torchrun --nproc-per-node 8 dvpo.py --gvm ckpt/gvm --fsdp       # trained states sharded over the 8 (FSDP2)
 
 Flags stay global: --batch-size and --minibatch-size count the responses of all ranks, and each rank takes
-1/N of every batch and minibatch, so N processes compute the update one process would (README, Multi-GPU).
+1/N of every batch and minibatch, so N processes compute the update one process would (docs/scaling.md, Multi-GPU).
 The trainers call these where they need the global batch, so the math (rollout.py) holds no process group.
 """
 

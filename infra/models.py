@@ -67,11 +67,21 @@ def load_tokenizer(name, flag="--policy"):
     return tok
 
 
-def position_limit(name, flag="--policy"):
-    """The most positions the model's config allows (max_position_embeddings, n_positions, ...); 0 if it names none."""
+def position_limit(name, flag="--policy", causal_lm=True):
+    """The most positions a causal LM's config allows (max_position_embeddings, n_positions, ...); 0 if it names
+    none. Where a causal LM is expected (causal_lm), a value model's folder (gvm.py's, stage A's) or a config whose
+    architectures hold no causal LM (a BERT encoder) is refused in one line."""
     from transformers import AutoConfig
 
+    if causal_lm and os.path.isfile(os.path.join(name, "value_model.json")):
+        raise UsageError(f"{flag} {name}: holds a value model (value_model.json), not a policy; name a causal LM")
     config = from_pretrained(AutoConfig.from_pretrained, name, flag, "config")
+    architectures = getattr(config, "architectures", None) or []
+    if causal_lm and architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise UsageError(
+            f"{flag} {name}: a {', '.join(architectures)}, not a causal LM "
+            "(an architecture ending in ForCausalLM or LMHeadModel)"
+        )
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)

@@ -87,7 +87,7 @@ def test_long_prompts_are_dropped_with_a_count(tiny_policy, tmp_path, capsys):
 
 
 def test_a_datasetdict_folder_with_named_splits_feeds_gvm_and_dvpo(families, tiny_world, tmp_path):
-    """The README's one-GPU commands in miniature: UltraFeedback-shaped rows in a save_to_disk DatasetDict
+    """The one-GPU commands of docs/scaling.md in miniature: UltraFeedback-shaped rows in a save_to_disk DatasetDict
     with train_prefs / test_prefs splits, --split and --eval-split, a Qwen2-style model."""
     import datasets
 

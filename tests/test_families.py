@@ -244,7 +244,7 @@ def test_policy_equal_to_its_reference_has_kl_exactly_zero(families, kind):
     assert (step0_kl(policy, ref, tok) == 0).all()
     ref16, _ = models.load_pretrained(path, dtype=torch.bfloat16)  # --dtype bf16: the frozen copy in bf16
     kl = step0_kl(policy, ref16, tok, precision.Precision("bf16", "cpu"))
-    assert kl.abs().max() < 0.05  # only bf16 rounding is left (README, Reproduce on one GPU)
+    assert kl.abs().max() < 0.05  # only bf16 rounding is left (docs/scaling.md, Reproduce on one GPU)
 
 
 @pytest.mark.parametrize("kind", ["world", "gpt2", "qwen2"])

@@ -487,3 +487,27 @@ def test_inputs_that_crashed_or_passed_silently_are_one_line(tiny_world, tiny_gv
         lambda: gvm.main(["--model", str(tiny_world / "sft"), "--data", str(latin), "--out", str(tmp_path / "g")]),
     )
     assert "pairs.jsonl: row 2 is not UTF-8 text" in err and not (tmp_path / "g").exists()
+
+
+def test_a_value_model_or_an_encoder_where_a_policy_is_expected_is_refused(tiny_world, tiny_gvm, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(bert)
+    for f in os.listdir(tiny_world / "sft"):  # the world's tokenizer beside the encoder
+        if f.startswith(("tokenizer", "special")):
+            (bert / f).write_bytes((tiny_world / "sft" / f).read_bytes())
+    out = tmp_path / "out"
+    for run, says in (
+        (
+            lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--policy", str(tiny_gvm))),
+            "holds a value model",
+        ),
+        (lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--ref", str(tiny_gvm))), "--ref"),
+        (lambda: gvm.main(["--model", str(bert), "--out", str(out)]), "a BertModel, not a causal LM"),
+        (lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tmp_path / "bert" / "config.json", out)), "a file, not a folder"),
+    ):
+        assert says in one_line_error(capsys, run)
+    assert not out.exists()

@@ -249,8 +249,8 @@ def test_fp16_skips_a_step_on_overflow_and_lowers_the_loss_scale():
 def test_a_lora_dvpo_run_raises_held_out_gold(default_world):
     cwd, gvm_proc = default_world
     assert gvm_proc.returncode == 0
-    # lr 1e-3, as the README's LoRA run: at 3e-3 the fixture's 400-step GVM is over-optimised (gold +0.19 at step 10,
-    # back to +0.02 at KL 7.8 by step 20)
+    # lr 1e-3, as the LoRA run of docs/results.md: at 3e-3 the fixture's 400-step GVM is over-optimised (gold +0.19
+    # at step 10, back to +0.02 at KL 7.8 by step 20)
     proc = subprocess.run(
         [
             sys.executable,
