@@ -582,7 +582,7 @@ def compare(args: Args):
     except ValueError as e:
         raise UsageError(f"--extra {args.extra}: {e}") from None
     for m in methods:  # an unknown or malformed flag stops here, not after the world is built
-        cli.parse_args(importlib.import_module(METHODS[m][0][:-3]).Args, extra)
+        cli.parse_args(importlib.import_module(METHODS[m][0][:-3]).Args, extra, owner=f"--extra for {METHODS[m][0]}")
     if args.nproc > 1 and "dpo" in methods:
         raise UsageError(f"--nproc {args.nproc}: dpo_baseline.py runs as one process; leave dpo out of --methods")
     for flag, n in (("--batch-size", args.batch_size), ("--minibatch-size", args.minibatch_size)):

@@ -70,10 +70,13 @@ def score_policy(policy, ref, tok, prompts, batch_size, max_new_tokens, temperat
 
 
 def mean_ci(xs):
-    """Mean and the half-width of its normal 95% confidence interval."""
+    """Mean and the half-width of its normal 95% confidence interval (nan, printed as such, for fewer than two
+    samples: one sample has no spread to measure)."""
     n = len(xs)
     m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, n - 1))
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
     return m, 1.96 * sd / math.sqrt(n)
 
 

@@ -74,7 +74,7 @@ class Args:
     kl_horizon: int = arg(640, "the adaptive KL controller's horizon, in samples", ">= 1")
     eval_n: int = arg(500, "held-out prompts of each RL run's final evaluation", ">= 1")
     gvm_extra: str = arg("", "more gvm.py flags for every variant, e.g. '--eval-every 50'")
-    rl_extra: str = arg("", "more flags for every DVPO and PPO run, e.g. '--advantage released'")
+    rl_extra: str = arg("", "more flags for every DVPO and PPO run (flags both take), e.g. '--lr 1e-4'")
     json: str = arg("", "where to write every number (default: <root>/sweep.json)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
 
@@ -202,10 +202,10 @@ def sweep(args: Args):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any(v not in VARIANTS for v in variants):
         raise UsageError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)}")
-    cli.parse_args(gvm.Args, split(args.gvm_extra, "--gvm-extra"))  # a bad flag stops here, before any run
-    cli.parse_args(dvpo.Args, rl_flags(args))
+    cli.parse_args(gvm.Args, split(args.gvm_extra, "--gvm-extra"), owner="--gvm-extra for gvm.py")  # before any run
+    cli.parse_args(dvpo.Args, rl_flags(args), owner="--rl-extra for dvpo.py")
     if args.ppo:
-        cli.parse_args(ppo_baseline.Args, rl_flags(args))
+        cli.parse_args(ppo_baseline.Args, rl_flags(args), owner="--rl-extra for ppo_baseline.py")
     path = args.json or os.path.join(args.root, "sweep.json")
     checkpoint.check_writable(args.root, "--root")
     checkpoint.check_output_file(path, "--json")

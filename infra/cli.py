@@ -57,18 +57,25 @@ def single_process(script):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors (an unknown flag, 'abc' for a number) are one line, like every other user error."""
+    """argparse whose errors (an unknown flag, 'abc' for a number) are one line, like every other user error; with
+    `owner` (flags passed on to another script) they raise UsageError naming that script instead."""
+
+    owner = None
 
     def error(self, message):
+        if self.owner:
+            raise UsageError(f"{self.owner}: {message}")
         if distributed.is_main():
             print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def parse_args(cls, argv=None, description=None):
+def parse_args(cls, argv=None, description=None, owner=None):
     """argparse built from a dataclass: --flag-name per field, help from field metadata; the class's own fields are
-    listed before those it inherits (infra/flags.py's blocks)."""
+    listed before those it inherits (infra/flags.py's blocks). A text flag takes the next word whatever it looks
+    like (`--extra --fsdp`). owner: the script whose flags these are, for checking pass-through flags."""
     ap = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.owner = owner
     order = [name for c in cls.__mro__ for name in c.__dict__.get("__annotations__", {})]  # own first, then blocks
     for f in sorted(dataclasses.fields(cls), key=lambda f: order.index(f.name)):
         name, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
@@ -84,7 +91,12 @@ def parse_args(cls, argv=None, description=None):
                 default=f.default,
                 help=f"{help_} (default: {f.default!r}{';' + check if check else ''})",
             )
-    return cls(**vars(ap.parse_args(argv)))
+    text = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type in (str, "str")}
+    argv, joined = list(sys.argv[1:] if argv is None else argv), []
+    while argv:  # `--extra --fsdp` is --extra's value, not a flag of this script
+        word = argv.pop(0)
+        joined.append(f"{word}={argv.pop(0)}" if word in text and argv else word)
+    return cls(**vars(ap.parse_args(joined)))
 
 
 def arg(default, help, check=None):  # noqa: A002 (dataclass field with a help line, CleanRL-style)

@@ -511,3 +511,26 @@ def test_a_value_model_or_an_encoder_where_a_policy_is_expected_is_refused(tiny_
     ):
         assert says in one_line_error(capsys, run)
     assert not out.exists()
+
+
+def test_pass_through_flags_are_checked_against_their_script_before_any_work(tmp_path, capsys):
+    import evaluate
+
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    import gvm_sweep
+
+    root = tmp_path / "bench"
+    err = one_line_error(
+        capsys, lambda: compare.main(["--root", str(root), "--methods", "dvpo,ppo", "--extra", "--bogus"])
+    )
+    assert "--extra for dvpo.py: unrecognized arguments: --bogus" in err
+    # a one-word pass-through flag is --extra's value, not compare.py's own: it reaches the check of --json
+    err = one_line_error(
+        capsys,
+        lambda: compare.main(["--root", str(root), "--extra", "--gradient-checkpointing", "--json", "/proc/c.json"]),
+    )
+    assert "--json /proc/c.json" in err
+    err = one_line_error(capsys, lambda: gvm_sweep.main(["--root", str(root), "--rl-extra", "--advantage released"]))
+    assert "--rl-extra for ppo_baseline.py: unrecognized arguments: --advantage released" in err
+    assert not root.exists()
+    assert evaluate.mean_ci([0.5])[0] == 0.5 and evaluate.mean_ci([0.5])[1] != evaluate.mean_ci([0.5])[1]  # nan
