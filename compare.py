@@ -418,7 +418,7 @@ def analytic_memory(args):
         (f"LoRA r={args.lora_r}, bf16 frozen, 8-bit AdamW", args.lora_r, 10, 2),
     ]
     lines, out = [], {}
-    for name in [x for x in args.analytic.split(",") if x]:
+    for name in [x.strip() for x in args.analytic.split(",") if x.strip()]:
         config, n, v, linears, layer = model_sizes(name)
         adapters = sum(args.lora_r * (i + o) for i, o in linears)
         heads = config.num_attention_heads
@@ -567,10 +567,19 @@ def method_flags(args, method, paths, device, extra, n_pairs):
 
 
 def compare(args: Args):
-    if args.analytic:
-        return analytic_memory(args)
     cli.single_process("compare.py")
     cli.check_args(args)
+    if args.analytic:
+        if not [x for x in args.analytic.split(",") if x.strip()]:
+            raise UsageError(f"--analytic {args.analytic!r}: name config folders or hub names, comma-separated")
+        if args.gpus and not all(x.strip().isdigit() and int(x) > 0 for x in args.gpus.split(",")):
+            raise UsageError(f"--gpus {args.gpus}: name numbers of GPUs as whole numbers above 0, e.g. 8,16")
+        if args.json:
+            checkpoint.check_output_file(args.json, "--json")
+        result = analytic_memory(args)
+        if args.json:
+            checkpoint.write_json(args.json, {**result, "args": asdict(args)})
+        return result
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):
         raise UsageError(f"--seeds {args.seeds}: name seeds as comma-separated whole numbers, e.g. 0,1,2")

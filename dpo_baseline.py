@@ -112,7 +112,7 @@ def implicit_accuracy(policy, ref, tok, samples, args, prec):
 # ---------------------------------------------------------------------------------------------- main
 def train(args: Args):
     cli.single_process("dpo_baseline.py")
-    check_policy_flags(args)
+    check_policy_flags(args, "dpo")
     device = cli.pick_device(args.device)
     prec = precision.Precision(args.dtype, device)
     cli.seed_everything(args.seed)

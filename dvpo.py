@@ -185,7 +185,7 @@ def load_gvm(args, tok, device, dtype):
 def train(args: Args):
     if args.advantage not in ADVANTAGES:
         raise UsageError(f"--advantage {args.advantage}: choose one of {', '.join(ADVANTAGES)}")
-    check_rl_flags(args)
+    check_rl_flags(args, "dvpo")
     device = cli.pick_device(args.device)  # under torchrun: joins the process group, this rank's device
     prec = precision.Precision(args.dtype, device)
     cli.seed_everything(args.seed)

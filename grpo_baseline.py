@@ -162,7 +162,7 @@ def ppo_epochs(policy, opt, prec, r, old_logp, ref_logp, adv, plans, args, beta)
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(args: Args):
-    check_rl_flags(args)
+    check_rl_flags(args, "grpo")
     reward.check_output(args)
     device = cli.pick_device(args.device)  # under torchrun: joins the process group, this rank's device
     prec = precision.Precision(args.dtype, device)

@@ -194,7 +194,7 @@ def load_reward_model_and_critic(path, args, tok, device, prec):
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(args: Args):
-    check_rl_flags(args)
+    check_rl_flags(args, "ppo")
     reward.check_output(args)
     device = cli.pick_device(args.device)  # under torchrun: joins the process group, this rank's device
     prec = precision.Precision(args.dtype, device)

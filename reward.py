@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import gvm
 import rollout
 from infra import checkpoint, world
-from infra.cli import arg
+from infra.cli import UsageError, arg
 
 
 @dataclass
@@ -116,7 +116,10 @@ def load_reward_model(path, args, tok, device, dtype):
 
 
 def check_output(args):
-    """Before any work: stage A's --rm-out can be written, unless --rm names a reward model."""
+    """Before any work: stage A's flags fit its pair batches, and its --rm-out can be written, unless --rm names a
+    reward model."""
+    if not args.rm and args.rm_batch_size % 2:
+        raise UsageError(f"--rm-batch-size {args.rm_batch_size}: must be even (a pair's two samples share a batch)")
     if not args.rm:
         checkpoint.check_output_dir(args.rm_out, "--rm-out", args, also=[("--out", args.out)])
 

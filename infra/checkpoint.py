@@ -319,7 +319,10 @@ def flag_text(name, value):
     return f"--{name.replace('_', '-')} {value if value != '' else repr(value)}"
 
 
-def check_resume(args):
+_checked = {}  # --out -> the trainer state check_resume read, for resume_state: a large state is loaded once
+
+
+def check_resume(args, method):
     """--resume continues the run checkpointed in --out, so every flag that shapes its updates must be as that
     run had it (its summary.json); the others are RESUME_MAY_CHANGE."""
     folder = args.out  # or, after a save interrupted between its renames, the last good one (restored once accepted)
@@ -327,6 +330,7 @@ def check_resume(args):
         folder = backup_path(args.out)
     if not os.path.isfile(os.path.join(folder, STATE_FILE)):
         raise UsageError(f"--resume: {args.out} holds no resumable checkpoint (write one with --save-every)")
+    _checked[args.out] = load_state(folder, method, args.out)  # a run of this method; resume_state takes it
     path = os.path.join(folder, "summary.json")
     try:
         with open(path) as f:
@@ -345,9 +349,10 @@ def check_resume(args):
         )
 
 
-def load_state(args, name):
-    """trainer_state.pt of the run in --out, onto the CPU (wherever it was written), checked to be a `name` run."""
-    path = os.path.join(args.out, STATE_FILE)
+def load_state(folder, name, out):
+    """trainer_state.pt in `folder` (--out, or its last good save) onto the CPU, wherever it was written, checked
+    to be a trainer's state and a `name` run."""
+    path = os.path.join(folder, STATE_FILE)
     try:
         st = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or empty: zipfile, pickle and EOF errors alike
@@ -360,14 +365,14 @@ def load_state(args, name):
             f"--resume: {path} is damaged (not a trainer state); resume from an earlier copy or start again"
         )
     if st["algo"] != name:
-        raise UsageError(f"--resume: {args.out} holds a {st['algo']} run, not a {name} one")
+        raise UsageError(f"--resume: {out} holds a {st['algo']} run, not a {name} one")
     return st
 
 
 def resume_state(args, name, steps, longer="--steps"):
     """The state of the `name` run checkpointed in --out (trainer_state), checked to have steps left and to have
     run on as many processes; every RNG of this process is restored from it."""
-    st = load_state(args, name)
+    st = _checked.pop(args.out, None) or load_state(args.out, name, args.out)  # read once, by check_resume
     if st["step"] >= steps:
         raise UsageError(f"--resume: {args.out} has done {st['step']} steps already; raise {longer} above that")
     if st.get("world_size", 1) != distributed.world():

@@ -107,20 +107,20 @@ class RLFlags(PolicyFlags):
     )
 
 
-def check_policy_flags(args):
+def check_policy_flags(args, method):
     """Before any work: every number in range, --gold and --optim known, --out writable and, with --resume, the
-    run in --out continued with the flags it was started with."""
+    run in --out a `method` run continued with the flags it was started with."""
     check_args(args)
     if args.gold not in ("auto", "vader", "none"):
         raise UsageError(f"--gold {args.gold}: choose one of auto, vader, none")
     precision.check_optimizer(args.optim)
     checkpoint.check_output_dir(args.out, "--out", args)
     if args.resume:
-        checkpoint.check_resume(args)
+        checkpoint.check_resume(args, method)
         checkpoint.restore_interrupted(args.out)  # accepted: an interrupted save's last good output goes back
 
 
-def check_rl_flags(args):
+def check_rl_flags(args, method):
     """check_policy_flags, and the batch schedule: minibatches divide the batch, split evenly over the torchrun
     processes, and micro-batches divide each process's share of a minibatch."""
     check_args(args)
@@ -141,4 +141,4 @@ def check_rl_flags(args):
     problem = distributed.check_flags(args.fsdp, args.lora_r, args.optim, args.shard_frozen)
     if problem:
         raise UsageError(problem)
-    check_policy_flags(args)
+    check_policy_flags(args, method)

@@ -534,3 +534,27 @@ def test_pass_through_flags_are_checked_against_their_script_before_any_work(tmp
     assert "--rl-extra for ppo_baseline.py: unrecognized arguments: --advantage released" in err
     assert not root.exists()
     assert evaluate.mean_ci([0.5])[0] == 0.5 and evaluate.mean_ci([0.5])[1] != evaluate.mean_ci([0.5])[1]  # nan
+
+
+def test_analytic_stage_a_and_resume_mistakes_are_named(tiny_world, tiny_gvm, tmp_path, capsys):
+    config = os.path.join(REPO, "docs", "model-configs", "qwen2.5-0.5b-instruct")
+    for argv, says in (
+        (["--analytic", config, "--gpus", "abc"], "--gpus abc: name numbers of GPUs"),
+        (["--analytic", config, "--gpus", "0"], "--gpus 0: name numbers of GPUs"),
+        (["--analytic", config, "--batch-size", "-1"], "--batch-size -1: must be >= 1"),
+        (["--analytic", config, "--response-len", "0"], "--response-len 0: must be >= 1"),
+        (["--analytic", ","], "--analytic ',': name config folders"),
+    ):
+        assert says in one_line_error(capsys, lambda: compare.main(argv))
+    compare.main(["--analytic", config, "--json", str(tmp_path / "analytic.json")])  # --json is written, not ignored
+    assert config in json.loads((tmp_path / "analytic.json").read_text())["models"]
+    ppo = tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "ppo", "--rm-batch-size", "3")
+    ppo[ppo.index("--gvm") : ppo.index("--gvm") + 2] = ["--rm-out", str(tmp_path / "rm")]
+    assert "--rm-batch-size 3: must be even" in one_line_error(capsys, lambda: ppo_baseline.main(ppo))
+    out = tmp_path / "dvpo"
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2", "--save-every", "1"))
+    model, tok, _ = gvm.load_value_model(str(tiny_gvm))
+    gvm.save_value_model(model, tok, str(tmp_path / "rm-model"), {"kind": "reward-model"})
+    grpo = tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "3", "--resume")
+    grpo[grpo.index("--gvm") : grpo.index("--gvm") + 2] = ["--rm", str(tmp_path / "rm-model")]
+    assert "holds a dvpo run, not a grpo one" in one_line_error(capsys, lambda: grpo_baseline.main(grpo))
