@@ -349,12 +349,7 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     cfg = cfg or WorldConfig()
     if cfg.hidden % cfg.heads:
         raise cli.UsageError(f"--heads {cfg.heads} does not divide --hidden {cfg.hidden}")
-    for name, mine in (("sft", "config.json"), ("data", MARKER)):  # never replace what a world build did not write
-        folder = os.path.join(root, name)
-        if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, mine)):
-            raise cli.UsageError(
-                f"{folder}: exists and is not a world's {name} folder (no {mine}); build the world in another folder"
-            )
+    refuse_foreign_folders(root)
     t0 = time.time()
     print(
         f"building the embedded world into {root}/ (seed {cfg.seed}): corpus, tokenizer, SFT policy, "
@@ -422,11 +417,7 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
         write_jsonl(os.path.join(data, "pairs_eval.jsonl"), pairs_eval)
         with open(os.path.join(data, MARKER), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "stats": stats}, f, indent=2)
-        for name in ("sft", "data"):  # data last: its marker says the world is complete
-            dst = os.path.join(root, name)
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            os.rename(os.path.join(tmp, name), dst)
+        install(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
@@ -437,14 +428,69 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     return stats
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_world")  # the default world, built here
+
+
+def refuse_foreign_folders(root):
+    """Never replace what a world build did not write: root/sft and root/data must be absent, empty or a world's."""
+    for name, mine in (("sft", "config.json"), ("data", MARKER)):
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, mine)):
+            raise cli.UsageError(
+                f"{folder}: exists and is not a world's {name} folder (no {mine}); build the world in another folder"
+            )
+
+
+def install(tmp, root):
+    """Move a complete world from tmp into root, sft first and data last: data's marker says it is complete."""
+    for name in ("sft", "data"):
+        dst = os.path.join(root, name)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.rename(os.path.join(tmp, name), dst)
+
+
 def ensure_world(root=ROOT, progress=True):
-    """Build the world unless root/data holds a complete one; under torchrun rank 0 builds it while the
-    others wait."""
+    """Make the default world in root unless root/data holds a complete one: a copy of the one shipped with the
+    code (SHIPPED: WorldConfig()'s world as this module builds it, so every clone starts from the same bytes,
+    whatever its library versions), or, without it, a build from the seed. Under torchrun rank 0 makes it while
+    the others wait."""
     if distributed.is_main() and not (
         os.path.exists(os.path.join(root, "data", MARKER)) and os.path.isdir(os.path.join(root, "sft"))
     ):
-        build_world(root, WorldConfig(), progress)
+        if shipped_config() == dataclasses.asdict(WorldConfig()):
+            copy_shipped_world(root)
+        else:
+            build_world(root, WorldConfig(), progress)
     distributed.barrier()
+
+
+def shipped_config():
+    """The WorldConfig the shipped world was built with, or None when there is none."""
+    try:
+        with open(os.path.join(SHIPPED, "data", MARKER)) as f:
+            return json.load(f)["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def copy_shipped_world(root):
+    """Copy the shipped world into root/sft and root/data, atomically as build_world writes it (data last: its
+    marker says the world is complete), never over folders a world did not write."""
+    refuse_foreign_folders(root)
+    print(
+        f"copying the embedded world into {root}/ (shipped with the code; python -m infra.world rebuilds it "
+        "from its seed)",
+        flush=True,
+    )
+    os.makedirs(root, exist_ok=True)
+    tmp = checkpoint.make_tmp_dir(root, "world")
+    try:
+        for name in ("sft", "data"):
+            shutil.copytree(os.path.join(SHIPPED, name), os.path.join(tmp, name))
+        install(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -157,7 +159,12 @@ def test_a_gvm_learns_from_noisy_labels(noisy_world, tmp_path):
 def test_first_use_builds_world_and_trains_a_gvm_above_chance(default_world):
     cwd, proc = default_world
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "building the embedded world" in proc.stdout
+    assert "copying the embedded world" in proc.stdout  # shipped: the same bytes on every clone
+    for name in ("sft", "data"):
+        for f in os.listdir(os.path.join(world.SHIPPED, name)):
+            if f != world.MARKER:
+                assert (cwd / "ckpt" / name / f).read_bytes() == open(os.path.join(world.SHIPPED, name, f), "rb").read()
+    assert world.shipped_config() == dataclasses.asdict(world.WorldConfig())  # python -m infra.world rebuilds it
     stats = json.loads((cwd / "ckpt" / "data" / world.MARKER).read_text())["stats"]
     assert stats["sft_grammatical_rate"] > 0.9 and stats["sft_eos_rate"] > 0.95  # a fluent SFT policy
     assert stats["sft_gold_frac_pos"] > 0.25 and stats["sft_gold_frac_neg"] > 0.25  # of mixed sentiment
