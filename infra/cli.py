@@ -96,7 +96,13 @@ def parse_args(cls, argv=None, description=None, owner=None):
     while argv:  # `--extra --fsdp` is --extra's value, not a flag of this script
         word = argv.pop(0)
         joined.append(f"{word}={argv.pop(0)}" if word in text and argv else word)
-    return cls(**vars(ap.parse_args(joined)))
+    args = cls(**vars(ap.parse_args(joined)))
+    if owner:  # pass-through flags: their ranges too, before the work that precedes the target script's run
+        try:
+            check_args(args)
+        except UsageError as e:
+            raise UsageError(f"{owner}: {e}") from None
+    return args
 
 
 def arg(default, help, check=None):  # noqa: A002 (dataclass field with a help line, CleanRL-style)

@@ -524,6 +524,8 @@ def test_pass_through_flags_are_checked_against_their_script_before_any_work(tmp
         capsys, lambda: compare.main(["--root", str(root), "--methods", "dvpo,ppo", "--extra", "--bogus"])
     )
     assert "--extra for dvpo.py: unrecognized arguments: --bogus" in err
+    err = one_line_error(capsys, lambda: compare.main(["--root", str(root), "--methods", "dvpo", "--extra", "--lr -1"]))
+    assert "--extra for dvpo.py: --lr -1.0: must be > 0" in err
     # a one-word pass-through flag is --extra's value, not compare.py's own: it reaches the check of --json
     err = one_line_error(
         capsys,
