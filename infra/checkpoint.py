@@ -330,6 +330,11 @@ def check_resume(args, method):
         folder = backup_path(args.out)
     if not os.path.isfile(os.path.join(folder, STATE_FILE)):
         raise UsageError(f"--resume: {args.out} holds no resumable checkpoint (write one with --save-every)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UsageError(
+            f"--resume: {args.out} has no config.json, so no policy to continue: the checkpoint is "
+            "damaged; resume from an earlier copy or start again"
+        )
     _checked[args.out] = load_state(folder, method, args.out)  # a run of this method; resume_state takes it
     path = os.path.join(folder, "summary.json")
     try:

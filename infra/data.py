@@ -51,6 +51,16 @@ def load_rows(path, split="train", flag="--data"):
                     raise UsageError(f"{flag} {path}: no split {split!r} (splits: {', '.join(ds)})")
                 ds = ds[split]
         elif os.path.isdir(path) or not looks_local(path):
+            formats = (
+                {f.rsplit(".", 1)[-1].lower() for f in os.listdir(path) if "." in f} & set(builders)
+                if os.path.isdir(path)
+                else set()
+            )
+            if len(formats) > 1:  # the hub's loader would read the files of one format and drop the others unnamed
+                raise UsageError(
+                    f"{flag} {path}: a folder of {', '.join(sorted(formats))} files; name one file, "
+                    "or keep one format in the folder"
+                )
             ds = datasets.load_dataset(path, split=split)
         else:
             raise UsageError(f"{flag} {path}: no such file")

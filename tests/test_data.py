@@ -230,3 +230,14 @@ def test_a_malformed_jsonl_line_is_named_by_its_row(tmp_path):
     )
     with pytest.raises(cli.UsageError, match=r"p.jsonl: cannot read it \(row 3 is not valid JSON"):
         data.load_rows(str(path))
+
+
+def test_a_data_folder_of_mixed_formats_is_named_not_half_read(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    (folder / "b.csv").write_text("prompt,chosen,rejected\nq,c,d\n")
+    with pytest.raises(cli.UsageError, match="a folder of csv, jsonl files; name one file"):
+        data.load_rows(str(folder))
+    (folder / "b.csv").unlink()
+    assert [r["prompt"] for r in data.load_rows(str(folder))] == ["p"]  # one format: read as before

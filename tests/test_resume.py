@@ -10,7 +10,7 @@ import grpo_baseline
 import gvm
 import ppo_baseline
 import remax_baseline
-from helpers import files_digest, tiny_dvpo_argv, training_records
+from helpers import files_digest, one_line_error, tiny_dvpo_argv, training_records
 from infra import checkpoint
 
 
@@ -214,3 +214,14 @@ def test_resume_refuses_changed_training_flags_and_accepts_the_others(tiny_world
         )
     )
     assert json.loads((out / "summary.json").read_text())["train/steps"] == 2
+
+
+def test_resume_names_a_checkpoint_without_its_policy(tiny_world, tiny_gvm, tmp_path, capsys):
+    out = tmp_path / "run"
+    dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1", "--save-every", "1"))
+    (out / "config.json").unlink()
+    err = one_line_error(
+        capsys,
+        lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2", "--save-every", "1", "--resume")),
+    )
+    assert f"--resume: {out} has no config.json" in err and "--policy" not in err
