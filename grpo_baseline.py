@@ -38,7 +38,7 @@ class Args(reward.RewardFlags, RLFlags):
     kl_coef: float = arg(
         0.04,
         "beta of GRPO's KL term beta * k3(pi || pi_ref) in the loss (DeepSeekMath: 0.04); initial value if adaptive",
-        ">= 0",
+        "[0, 1e6]",
     )
     adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
     target_kl: float = arg(6.0, "adaptive KL target, nats per sequence", "> 0")

@@ -37,7 +37,9 @@ class Args(reward.RewardFlags, RLFlags):
     lam: float = arg(0.95, "GAE lambda", "[0, 1]")
     gamma: float = arg(1.0, "discount", "(0, 1]")
     kl_coef: float = arg(
-        0.05, "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive", ">= 0"
+        0.05,
+        "beta of the per-token KL penalty r_t = -beta * (log pi - log pi_ref); initial value if adaptive",
+        "[0, 1e6]",
     )
     adaptive_kl: bool = arg(False, "adapt beta towards --target-kl (Ziegler et al.; the released code's choice)")
     target_kl: float = arg(6.0, "adaptive KL target, nats per sequence", "> 0")

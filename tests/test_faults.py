@@ -464,6 +464,7 @@ def test_inputs_that_crashed_or_passed_silently_are_one_line(tiny_world, tiny_gv
         (["--optim", " adamw8bit"], "--optim ' adamw8bit': choose one of adamw, adamw8bit"),
         (["--fsdp"], "start the script with torchrun"),
         (["--lr", "1e10"], "the update diverged (lower --lr)"),
+        (["--kl-coef", "1e30"], "--kl-coef 1e+30: must lie in [0, 1e6]"),  # its rewards overflowed the whitening
     ):
         assert says in one_line_error(capsys, lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, *extra)))
         assert not out.exists()
