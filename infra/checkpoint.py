@@ -104,12 +104,13 @@ INPUT_FLAGS = (
 
 
 def inputs_of(args):
-    """[(--flag, path)] of the inputs a run's flags name; a hub name that is no local path is no input here."""
+    """[(--flag, path)] of the inputs a run's flags name, each taken as the local path it names (a path not made
+    yet, as the world's before its first use, included; a hub name is compared as the folder that would shadow it)."""
     found = []
     for f in dataclasses.fields(args):
         values = getattr(args, f.name) if f.name in INPUT_FLAGS else []
         for value in values if isinstance(values, list) else [values]:
-            if value and (os.path.exists(value) or models.looks_local(value) or value.startswith("ckpt")):
+            if value:
                 found.append(("--" + f.name.replace("_", "-") if f.name != "policies" else "policy", value))
     return found
 
