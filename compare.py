@@ -24,6 +24,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import gvm
 import reward
 from infra import checkpoint, cli, world

@@ -15,6 +15,8 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import torch
 import torch.nn.functional as F
 

@@ -15,6 +15,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import torch
 
 import gvm

@@ -13,6 +13,8 @@ gives Dr. GRPO (Liu et al. 2025): no division by the group's std, and token sums
 import time
 from dataclasses import asdict, dataclass
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import torch
 from tqdm import tqdm
 

@@ -17,6 +17,8 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import torch
 import torch.nn as nn
 from tqdm import tqdm

@@ -14,6 +14,8 @@ import copy
 import time
 from dataclasses import asdict, dataclass
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import torch
 from tqdm import tqdm
 

@@ -13,6 +13,8 @@ is 1, so nothing is clipped); the defaults give it the schedule DVPO and PPO run
 import time
 from dataclasses import asdict, dataclass
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import torch
 from tqdm import tqdm
 

@@ -17,9 +17,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's own modules
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while numpy and torch load is one line, exit 130)
+
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's own modules
 import compare
 import dvpo
 import gvm

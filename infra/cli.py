@@ -7,6 +7,7 @@ import dataclasses
 import math
 import random
 import re
+import signal
 import sys
 import time
 
@@ -32,22 +33,42 @@ def at_end(fn):
 def run_main(fn):
     """Call fn(); turn a UsageError into 'error: ...' on stderr and exit 2, and Ctrl-C into one line and exit
     130 (what was being saved is removed by atomic_dir; the last complete output stays). Under torchrun every
-    rank meets the same mistake and exits so; rank 0 alone says it."""
+    rank meets the same mistake and exits so; rank 0 alone says it. A Ctrl-C that a library caught and turned
+    into another error (transformers' lazy imports do: "no tokenizer (ModuleNotFoundError ...)") is still
+    reported as the interrupt it was."""
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         out = fn()
         distributed.close()
         return out
+    except KeyboardInterrupt:
+        _say_interrupted()
     except UsageError as e:
+        if interrupted:
+            _say_interrupted()
         if distributed.is_main():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        if distributed.is_main():
-            print("interrupted: the output folder holds the last complete save, if any", file=sys.stderr)
-        sys.exit(130)
+    except Exception:
+        if interrupted:
+            _say_interrupted()
+        raise
     finally:
+        signal.signal(signal.SIGINT, previous)
         for end in _at_end:
             end()
+
+
+def _say_interrupted():
+    if distributed.is_main():
+        print("interrupted: the output folder holds the last complete save, if any", file=sys.stderr)
+    sys.exit(130)
 
 
 def single_process(script):

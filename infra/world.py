@@ -26,6 +26,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
+
 import torch
 
 from infra import checkpoint, cli, distributed, models

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,7 +14,7 @@ import gvm
 import ppo_baseline
 import remax_baseline
 from helpers import ENV, REPO, bad_input_cases, one_line_error, other_tokenizer_gvm, pair_files, tiny_dvpo_argv
-from infra import checkpoint, world
+from infra import checkpoint, cli, world
 
 
 def test_bad_input_is_one_line_exit_2_and_no_output(tiny_world, tmp_path, capsys):
@@ -261,6 +262,48 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_output(tiny_worl
     ], err
     assert json.loads((out / "summary.json").read_text())["train/steps"] >= 2
     assert os.listdir(tmp_path) == ["run"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.6, 0.9, 1.2, 1.6, 2.2])
+def test_ctrl_c_while_libraries_and_models_load_is_one_line_exit_130(tiny_world, tiny_gvm, tmp_path, delay):
+    """The moments before the first step: imports (torch, transformers' lazy modules), flag checks, model loading."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "dvpo.py"), *tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "1000")],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip() and "|" not in line]  # tqdm bars aside
+    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted"), err
+    assert not out.exists() or "summary.json" not in os.listdir(out)
+
+
+def test_a_ctrl_c_a_library_turned_into_another_error_is_still_an_interrupt(capsys):
+    """transformers' lazy import catches the KeyboardInterrupt and raises ModuleNotFoundError; our loader then
+    says 'no tokenizer'. run_main knows a SIGINT arrived and reports the interrupt, exit 130."""
+    import signal
+
+    def swallowed():
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt as e:
+            raise cli.UsageError("ckpt/sft: the folder gave no tokenizer (ModuleNotFoundError: ...)") from e
+
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(swallowed)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted: the output folder holds the last complete save, if any"
+    ]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own Ctrl-C restored
 
 
 def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(tmp_path):

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import os
 import re
+import sys
 
 import pytest
 
@@ -142,3 +143,17 @@ def test_value_model_objectives_declare_their_interface():
     with pytest.raises(TypeError):
         type("Incomplete", (gvm.Objective,), {"kind": "gvm", "pair_batches": True})()
     assert dpo_baseline.Args().policy == dvpo.Args().policy  # one flag block, one default
+
+
+def test_every_script_quiets_ctrl_c_before_it_imports_a_library():
+    """A script run by hand imports infra.sigint before torch or numpy (tests/test_faults.py sends the Ctrl-C)."""
+    scripts = [p for p in os.listdir(REPO) if p.endswith(".py")] + ["experiments/gvm_sweep.py", "infra/world.py"]
+    for path in scripts:
+        tree = ast.parse(source(path))
+        if "run_main" not in source(path):
+            continue
+        imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [n.names[0].name if isinstance(n, ast.Import) else n.module for n in imports]
+        stdlib = set(sys.stdlib_module_names)
+        first_other = next(name for name in names if name.split(".")[0] not in stdlib)
+        assert first_other == "infra.sigint", path
