@@ -2,6 +2,7 @@
 a pad token that is not EOS, dropout off, sampling from the policy itself (docs/DVPO.md §5.1-5.4).
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -53,17 +54,20 @@ def from_pretrained(load, name, flag, what):
 
 def load_tokenizer(name, flag="--policy"):
     """A Hugging Face tokenizer with a pad token that is not EOS (§5.1): its UNK token when that differs from
-    EOS, else a new PAD_TOKEN (load_model grows the embeddings for it). Cheap: load it first to check data."""
+    EOS, else a new PAD_TOKEN (load_model grows the embeddings for it). The choice stays inside the run:
+    save_pretrained writes the tokenizer as it was loaded (tok.as_loaded). Cheap: load it first to check data."""
     from transformers import AutoTokenizer
 
     tok = from_pretrained(AutoTokenizer.from_pretrained, name, flag, "tokenizer")
     if tok.eos_token_id is None:
         raise UsageError(f"{flag} {name}: the tokenizer has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        as_loaded = copy.deepcopy(tok)
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
-            tok.pad_token = tok.unk_token
+            tok.pad_token = tok.unk_token  # a real token: padding is masked by position, never by id
         else:
             tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        tok.as_loaded = as_loaded
     return tok
 
 
@@ -110,16 +114,23 @@ def grow_for_pad(tok, model):
     embedding matrix grows only when load_tokenizer added a pad token whose id does not fit in the rows the
     model has. A grown row is the mean of the existing rows, not a random draw, so every copy of a model
     (policy, reference, a resumed run) gets the same one; the new token stays out of sampling and of the
-    softmax (suppressed_ids)."""
+    softmax (suppressed_ids). The configs' pad ids are the run's; save_pretrained writes the loaded ones."""
     n = model.get_input_embeddings().num_embeddings
     if len(tok) > n:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
         with torch.no_grad():
             for emb in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
                 emb.weight[n:] = emb.weight[:n].mean(0)
-    model.config.pad_token_id = tok.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tok.pad_token_id
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            set_for_run(model, config, "pad_token_id", tok.pad_token_id)
+
+
+def set_for_run(model, config, name, value):
+    """config.name = value while we train; save_pretrained writes back the value the checkpoint came with."""
+    loaded = model.__dict__.setdefault("config_as_loaded", {})
+    loaded.setdefault((id(config), name), (config, name, getattr(config, name, None)))
+    setattr(config, name, value)
 
 
 def eos_ids(tok, model):
@@ -133,7 +144,8 @@ def eos_ids(tok, model):
 
 
 def suppressed_ids(tok):
-    """Token ids the policy never samples and its softmax leaves out: the pad token ensure_pad added."""
+    """Token ids the policy never samples and its softmax leaves out: the pad token load_tokenizer added. A reused
+    UNK is a real token the policy may sample; it is masked only where it pads (by position)."""
     return [tok.pad_token_id] if tok.pad_token == PAD_TOKEN else []
 
 
@@ -155,30 +167,28 @@ def is_dropout(name, value):
 def disable_dropout(model):
     """§5.4: dropout off everywhere: nn.Dropout modules, rates stored as floats on modules, and rates that
     some models read from their config inside forward (Falcon: hidden_dropout, attention_dropout). The
-    config's rates are kept aside and written back by save_pretrained."""
+    config's rates are set for the run only (set_for_run): save_pretrained writes them back."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         for name, value in list(vars(m).items()):
             if is_dropout(name, value):
                 setattr(m, name, 0.0)
-    if not hasattr(model, "config_dropout"):
-        model.config_dropout = {}
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            for name, value in list(vars(config).items()):
-                if is_dropout(name, value) and value:
-                    model.config_dropout[(id(config), name)] = (config, name, value)
-                    setattr(config, name, 0.0)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        for name, value in list(vars(config).items()):
+            if is_dropout(name, value) and value:
+                set_for_run(model, config, name, 0.0)
     return model
 
 
 def save_pretrained(model, tok, folder, state_dict=None):
-    """model.save_pretrained (and the tokenizer's), with the config's dropout rates as they were loaded:
-    dropout is off while we train, not in the checkpoint a user fine-tunes next. A LoRA model is written
-    merged, with its adapter in folder/adapter (lora.save). state_dict: the weights to write instead of the
-    model's own (an FSDP2 model's, gathered by distributed.full_state_dict)."""
-    kept = getattr(model, "config_dropout", {}).values()
-    for config, name, value in kept:
+    """model.save_pretrained (and the tokenizer's) as the checkpoint came: its tokenizer, pad ids and dropout
+    rates as loaded (dropout is off and the pad is ours while we train, not in the checkpoint a user fine-tunes
+    next). A LoRA model is written merged, with its adapter in folder/adapter (lora.save). state_dict: the
+    weights to write instead of the model's own (an FSDP2 model's, gathered by distributed.full_state_dict)."""
+    loaded = list(getattr(model, "config_as_loaded", {}).values())
+    for_run = [(config, name, getattr(config, name)) for config, name, _ in loaded]
+    for config, name, value in loaded:
         setattr(config, name, value)
     try:
         if lora.is_lora(model):
@@ -186,13 +196,12 @@ def save_pretrained(model, tok, folder, state_dict=None):
         else:
             model.save_pretrained(folder, state_dict=state_dict)
         if tok is not None:
-            tok.save_pretrained(folder)
+            getattr(tok, "as_loaded", tok).save_pretrained(folder)
     finally:
-        for config, name, _ in kept:
-            setattr(config, name, 0.0)
+        for config, name, value in for_run:
+            setattr(config, name, value)
 
 
-# ---------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(model, tok, input_ids, attention_mask, max_new_tokens, temperature=1.0, greedy=False):
     """Continuations of left-padded prompts sampled from softmax(logits / temperature) itself (docs/DVPO.md §3), the

@@ -188,6 +188,11 @@ _TOKENIZER_SPECS = {
         dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None),
         CHATML_TEMPLATE,
     ),
+    "smollm2": (  # SmolLM2-Instruct: pad == EOS, and UNK is the base model's trained end-of-text
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"),
+        CHATML_TEMPLATE,
+    ),
 }
 
 
@@ -242,7 +247,8 @@ def build_hf_tokenizer(kind, vocab_size=500):
 
 def build_tiny_model(kind, folder, seed=0):
     """A random-init GPT-2, Llama or Qwen2 with a byte-level BPE tokenizer that mimics the real family's special
-    tokens and chat template (GPT-2: no pad, no template; Llama-3: no pad; Qwen2.5: pad, ChatML), saved to folder."""
+    tokens and chat template (GPT-2: no pad, no template; Llama-3: no pad; Qwen2.5: pad, ChatML; SmolLM2: pad
+    = EOS, a trained UNK, ChatML), saved to folder."""
     from transformers import (
         GenerationConfig,
         GPT2Config,
@@ -268,6 +274,9 @@ def build_tiny_model(kind, folder, seed=0):
             vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=True, **ids
         )
         model_cls = GPT2LMHeadModel
+    elif kind == "smollm2":
+        config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **sizes, **ids)
+        model_cls = LlamaForCausalLM
     elif kind == "llama":
         config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, **sizes, **ids)
         model_cls = LlamaForCausalLM
@@ -283,7 +292,7 @@ def build_tiny_model(kind, folder, seed=0):
     tok.save_pretrained(folder)
 
 
-FAMILIES = ("gpt2", "llama", "qwen2")
+FAMILIES = ("gpt2", "llama", "qwen2", "smollm2")
 
 
 def pair_files(tiny_world, folder):

@@ -18,7 +18,8 @@ def test_families_get_a_pad_token_that_is_not_eos_and_never_sample_it(families):
         assert (
             policy.get_input_embeddings().num_embeddings >= len(tok) and policy.config.pad_token_id == tok.pad_token_id
         )
-        assert tok.pad_token == {"gpt2": models.PAD_TOKEN, "llama": models.PAD_TOKEN, "qwen2": "<|endoftext|>"}[kind]
+        added, unk = models.PAD_TOKEN, "<|endoftext|>"
+        assert tok.pad_token == {"gpt2": added, "llama": added, "qwen2": unk, "smollm2": unk}[kind]
     policy, tok = models.load_pretrained(str(families / "gpt2"))
     with torch.no_grad():  # make the new, untrained pad token the likeliest next token everywhere
         policy.get_output_embeddings().weight[tok.pad_token_id] = 50 * policy.get_output_embeddings().weight.mean(0)
@@ -35,6 +36,26 @@ def test_families_get_a_pad_token_that_is_not_eos_and_never_sample_it(families):
     for chunk in (0, 7):
         logp, entropy = rollout.response_logprobs(policy, r, with_entropy=True, chunk=chunk)
         assert torch.allclose(logp, ref.squeeze(-1) * r.response_mask, atol=1e-5) and torch.isfinite(entropy).all()
+
+
+def test_a_reused_real_token_as_pad_is_a_token_where_sampled_and_masked_only_where_it_pads(families):
+    """SmolLM2's pad is its UNK, the base model's trained end-of-text: the policy may sample it, and then it is a
+    response token like any other (in the mask, in the softmax); only the positions that pad are masked."""
+    policy, tok = models.load_pretrained(str(families / "smollm2"))
+    assert tok.pad_token == "<|endoftext|>" and models.suppressed_ids(tok) == []
+    favoured = [tok.pad_token_id, tok.eos_token_id]  # likely, equally: responses sample the pad and end unevenly
+    policy.get_output_embeddings().register_forward_hook(
+        lambda m, i, out: out.index_add(-1, torch.tensor(favoured), torch.full((*out.shape[:-1], 2), 4.0))
+    )
+    torch.manual_seed(0)
+    r = rollout.generate(policy, tok, ["the movie was"] * 8, max_new_tokens=12)
+    sampled = (r.response_ids == tok.pad_token_id) & r.response_mask.bool()
+    assert sampled.any() and (r.response_mask == 0).any()  # the pad both sampled and padding
+    lengths = r.response_mask.sum(1)
+    assert torch.equal(r.response_mask, (torch.arange(12)[None] < lengths[:, None]).float())  # masks by position
+    logits = rollout.logits_at_responses(policy, r)
+    full = torch.log_softmax(logits.float(), -1).gather(-1, r.response_ids[..., None]).squeeze(-1)
+    assert torch.allclose(rollout.response_logprobs(policy, r), full * r.response_mask, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -77,9 +98,13 @@ def test_families_round_trip_through_gvm_and_dvpo(families, tiny_world, tmp_path
     first = tok.decode(prompts[0][1])
     if shape == "messages":
         assert first.endswith(
-            {"llama": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2": "<|im_start|>assistant\n"}[kind]
+            {
+                "llama": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                "qwen2": "<|im_start|>assistant\n",
+                "smollm2": "<|im_start|>assistant\n",
+            }[kind]
         )
-        assert first.count(tok.bos_token or "<none>") <= 1
+        assert not first.startswith(2 * (tok.bos_token or "<none>"))  # the template's BOS, not one more before it
     if shape == "hh":
         assert first.endswith("Assistant:")
     dvpo.main(
@@ -116,6 +141,23 @@ def test_families_round_trip_through_gvm_and_dvpo(families, tiny_world, tmp_path
     assert all(m["val/ratio_first_max_dev"] == 0.0 for m in steps if "objective/kl" in m)
     _, saved_tok = models.load_pretrained(str(tmp_path / "dvpo"))
     assert models.tokenizer_fingerprint(saved_tok) == meta["tokenizer_fingerprint"]
+    # the user's tokenizer, pad and generation_config, as they came (a GVM's backbone has no generation_config)
+    assert as_saved(tmp_path / "dvpo") == as_saved(families / kind)
+    assert as_saved(tmp_path / "gvm", generation=False) == as_saved(families / kind, generation=False)
+
+
+def as_saved(folder, generation=True):
+    """What a checkpoint declares about its tokens: the tokenizer's special tokens and size, the config's pad id
+    and the generation_config."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    declared = {}
+    if generation:
+        declared = json.loads((folder / "generation_config.json").read_text())
+        declared.pop("transformers_version", None)
+    return tok.special_tokens_map, len(tok), config.get("pad_token_id"), declared
 
 
 def test_a_value_model_from_another_tokenizer_or_template_is_refused(families, tiny_world, tmp_path, capsys):
