@@ -8,7 +8,9 @@ save_pretrained folder that the next stage and AutoModelForCausalLM.from_pretrai
 with the adapter alone beside it in adapter/ (what --resume reads).
 """
 
+import contextlib
 import logging
+import sys
 import warnings
 
 import torch
@@ -18,15 +20,27 @@ from infra.cli import UsageError
 ADAPTER_DIR = "adapter"
 
 
-def quiet_bitsandbytes():
-    """bitsandbytes (8-bit AdamW; peft imports it when installed) warns at import about a 4-bit CPU kernel
-    that this project never uses."""
+@contextlib.contextmanager
+def without_hub_kernels():
+    """Import peft or bitsandbytes with no network call. On a CPU with AVX512-BF16, importing bitsandbytes (8-bit
+    AdamW; peft imports it when installed) fetches a 4-bit kernel from the hub (kernels-community/quantization-
+    bitsandbytes) when the `kernels` package is installed: a hub call that hangs where the network is unreachable.
+    This project never runs 4-bit kernels, so `kernels` is unimportable for the duration (bitsandbytes falls back
+    to its own code) and bitsandbytes' warning about it is silenced."""
+    blocked = "kernels" not in sys.modules
+    if blocked:
+        sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        if blocked:
+            del sys.modules["kernels"]
 
 
 def peft():
-    quiet_bitsandbytes()
-    import peft as module
+    with without_hub_kernels():
+        import peft as module
 
     return module
 

@@ -98,7 +98,10 @@ def load_model(name, tok, flag="--policy", causal_lm=True, dtype=torch.float32):
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if causal_lm else AutoModel
-    model = from_pretrained(lambda n: auto.from_pretrained(n, dtype=dtype), name, flag, "model")
+    # use_kernels=False: with the `kernels` package installed, transformers 5.x defaults to swapping layers' forwards
+    # for kernels it may fetch from the hub; we keep the plain PyTorch forwards our log-probs are tested against
+    load = lambda n: auto.from_pretrained(n, dtype=dtype, use_kernels=False)
+    model = from_pretrained(load, name, flag, "model")
     grow_for_pad(tok, model)
     return disable_dropout(model)
 

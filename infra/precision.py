@@ -55,9 +55,9 @@ def bitsandbytes(flag):
     """The optional bitsandbytes package, or one line saying how to get it."""
     if flag.split()[-1] not in OPTIMIZERS:
         raise UsageError(f"{flag}: choose one of {', '.join(OPTIMIZERS)}")
-    lora.quiet_bitsandbytes()
     try:
-        import bitsandbytes as bnb
+        with lora.without_hub_kernels():
+            import bitsandbytes as bnb
     except ImportError:
         raise UsageError(f"{flag}: needs bitsandbytes, an optional package (pip install bitsandbytes)") from None
     return bnb

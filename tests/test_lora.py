@@ -163,3 +163,40 @@ def test_lora_model_states_follow_the_byte_rule_with_one_base_per_backbone(tiny_
         )
         policy_base = sum(p.numel() for p in models.load_pretrained(str(tiny_world / "sft"))[0].parameters())
         assert s["params/frozen"] == policy_base + n_backbone  # two bases, whatever the method
+
+
+NO_NETWORK = """
+import socket, sys
+calls = []
+def refuse(*args, **kwargs):
+    calls.append(args[1] if len(args) > 1 else args[0])
+    raise OSError("network unreachable (test)")
+socket.socket.connect = socket.getaddrinfo = refuse
+import dvpo, gvm, ppo_baseline, evaluate
+from infra import lora, models, precision
+lora.peft()
+precision.bitsandbytes("--optim adamw8bit")
+lora.add_lora(models.load_pretrained(sys.argv[1])[0], 4, 8, 0.0)
+print("network calls:", calls)
+"""
+
+
+def test_loading_the_libraries_makes_no_network_call_even_without_hf_hub_offline(tiny_world):
+    """bitsandbytes, imported by peft, fetches a hub kernel at import on CPUs with AVX512-BF16 when `kernels` is
+    installed; where the network is unreachable and HF_HUB_OFFLINE unset that hangs. Nothing may try."""
+    import subprocess
+
+    from helpers import ENV, REPO
+
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK, str(tiny_world / "sft")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "network calls: []", proc.stdout
+    assert "kernels-community" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
