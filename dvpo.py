@@ -244,6 +244,9 @@ def train(args: Args):
                 ev = evaluate.held_out(policy, ref, tok, eval_prompts, args, use_gold)
             records.append({"step": step, **ev, "time/elapsed": time.time() - t0})
             tqdm.write(f"eval step {step} | " + report.eval_text(ev))
+        if args.save_every and step % args.save_every == 0 and start < step < args.steps:  # with its evaluation
+            save(step, resumable=True)
+            tqdm.write(f"checkpoint step {step} -> {args.out}")
         if step == args.steps:
             break
 
@@ -313,9 +316,6 @@ def train(args: Args):
         tqdm.write(report.step_text(step + 1, args.steps, m, "gvm_value", use_gold))
         if (step + 1) % args.table_every == 0:
             tqdm.write(report.sample_table(r, gold, score, "gvm_value"))
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save(step + 1, resumable=True)
-            tqdm.write(f"checkpoint step {step + 1} -> {args.out}")
     summary = save(args.steps, resumable=args.save_every > 0)
     print(report.saved_text(args.out, ev, summary), flush=True)
     return summary

@@ -164,7 +164,14 @@ def print_token_values(value_model, tok, prompts, texts, k):
         v = value_model(ids, torch.ones_like(ids))[0, len(p) - 1 :].tolist()
         print(f"\n{data.show(prompt)!r} -> {text!r}\n  {'(prompt)':>12} V(s_0) = {v[0]:+.3f}")
         for t, tid in enumerate(r):
-            print(f"  {tok.convert_ids_to_tokens(tid):>12} V = {v[t + 1]:+.3f}  ({v[t + 1] - v[t]:+.3f})")
+            print(f"  {token_text(tok, tid):>12} V = {v[t + 1]:+.3f}  ({v[t + 1] - v[t]:+.3f})")
+
+
+def token_text(tok, tid):
+    """A token as the text it adds (" festivities", not byte-level BPE's "Ġfestivities"); repr'd when it holds a
+    newline or another character that would not print."""
+    text = tok.decode([tid])
+    return text if text.isprintable() else repr(text)
 
 
 def gvm_pairs(args, meta):

@@ -361,6 +361,7 @@ class Objective(abc.ABC):
 
     kind: str  # the checkpoint's kind in value_model.json: "gvm" or "reward-model"
     pair_batches: bool  # a pair's two samples always in one batch, chosen first
+    shown: dict  # the held-out metrics its eval lines print: {label: heldout_metrics key}
 
     @abc.abstractmethod
     def loss(self, values, batch):
@@ -381,6 +382,12 @@ class TDObjective(Objective):
     share, the prompt, whose targets are +1 and -1, cancels within the batch instead of adding noise."""
 
     kind = "gvm"
+    shown = {
+        "acc(final)": "eval/pairwise_acc_final",
+        "acc(mean)": "eval/pairwise_acc_mean",
+        "margin": "eval/margin",
+        "terminal mse": "eval/terminal_mse",
+    }
 
     def __init__(self, args):
         self.args, self.pair_batches = args, args.pair_batches
@@ -510,6 +517,12 @@ def train(args: Args, objective=None):
 
     t0 = time.time()
     meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
+
+    def shown(metrics):
+        return " | ".join(
+            f"{label} {metrics[k]:{'+.3f' if 'margin' in k else '.3f'}}" for label, k in objective.shown.items()
+        )
+
     key = None if args.select == "last" else "eval/" + args.select.replace("acc_", "pairwise_acc_")
     best = None  # (step, metrics) of the checkpoint saved so far under --select
     with checkpoint.atomic_dir(args.out) as tmp:
@@ -533,11 +546,7 @@ def train(args: Args, objective=None):
                 best = (step, metrics)
                 save_value_model(model, tok, tmp, meta)
             log.write(step, {**metrics, **({"eval/selected": float(bool(better))} if key else {})})
-            tqdm.write(
-                f"eval step {step} | acc(final) {metrics['eval/pairwise_acc_final']:.3f} | "
-                f"acc(mean) {metrics['eval/pairwise_acc_mean']:.3f} | margin {metrics['eval/margin']:+.3f} | "
-                f"terminal mse {metrics['eval/terminal_mse']:.3f}" + (" | best" if better else "")
-            )
+            tqdm.write(f"eval step {step} | {shown(metrics)}" + (" | best" if better else ""))
             return metrics
 
         evaluate(0)
@@ -562,6 +571,7 @@ def train(args: Args, objective=None):
                     device,
                     args.micro_batch_size,
                 )
+                lr = sched.get_last_lr()[0]  # the rate this step used; sched.step() sets the next one
                 sched.step()
                 step += 1
                 bar.update(1)
@@ -569,7 +579,7 @@ def train(args: Args, objective=None):
                     m.update(
                         {
                             "train/grad_norm": grad_norm.item(),
-                            "train/lr": sched.get_last_lr()[0],
+                            "train/lr": lr,
                             "train/epoch": step / steps_per_epoch,
                             "time/step": time.time() - t_step,
                             "time/elapsed": time.time() - t0,
@@ -606,11 +616,7 @@ def train(args: Args, objective=None):
             with open(os.path.join(tmp, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
     chosen = "" if key is None else f" (step {best[0]} of {step}, best by {args.select})"
-    print(
-        f"saved {args.out}{chosen}: held-out pairwise accuracy {best[1]['eval/pairwise_acc_final']:.3f} (final value), "
-        f"{best[1]['eval/pairwise_acc_mean']:.3f} (mean value), {wall:.0f}s",
-        flush=True,
-    )
+    print(f"saved {args.out}{chosen}: held-out {shown(best[1])} | {wall:.0f}s", flush=True)
     return summary
 
 

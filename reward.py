@@ -39,6 +39,7 @@ class BradleyTerry(gvm.Objective):
     state s_T, and pairs stay together in a batch (chosen, rejected, chosen, ...)."""
 
     kind, pair_batches = "reward-model", True
+    shown = {"accuracy": "eval/pairwise_acc_final", "margin": "eval/margin", "bt loss": "eval/bt_loss"}
 
     def loss(self, values, batch):
         T = batch["state_mask"].sum(1).long() - 1

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dvpo
+import evaluate
 import gvm
 import rollout
 from helpers import FAMILIES, pair_files, pollute, step0_kl, training_records
@@ -323,3 +324,11 @@ def test_dropout_read_from_the_config_at_forward_time_is_off_and_saved_as_it_was
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["hidden_dropout"], saved["attention_dropout"]) == (0.5, 0.5)
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_the_per_token_view_shows_text_not_byte_level_pieces(families):
+    tok = models.load_tokenizer(str(families / "qwen2"))
+    ids = tok(" the movie was great\n", add_special_tokens=False).input_ids
+    assert any(p.startswith("Ġ") for p in tok.convert_ids_to_tokens(ids))  # what it used to print
+    shown = [evaluate.token_text(tok, i) for i in ids]
+    assert "".join(s for s in shown if s != "'\\n'") == " the movie was great" and shown[-1] == "'\\n'", shown

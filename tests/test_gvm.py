@@ -200,3 +200,31 @@ def test_gvm_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_backbo
             )
             grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_step_lines_show_the_rate_each_step_used_and_eval_lines_the_objectives_metrics(tiny_world, tmp_path, capsys):
+    """Linear warmup over 2 steps, then linear decay to 0 at step 6: the steps use 0.5, 1, 1, 0.75, 0.5, 0.25 of
+    --lr (the rate after the last step, 0, is never used). The reward model's lines show its own metrics."""
+    import reward
+
+    base = dict(
+        model=str(tiny_world / "sft"),
+        data=str(tiny_world / "data" / "pairs_train.jsonl"),
+        eval_data=str(tiny_world / "data" / "pairs_eval.jsonl"),
+        lr=1e-3,
+        max_steps=6,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=6,
+        batch_size=8,
+    )
+    gvm.train(gvm.Args(**base, out=str(tmp_path / "gvm")))
+    records = [json.loads(x) for x in (tmp_path / "gvm" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    out = capsys.readouterr().out
+    assert "| lr 2.50e-04 |" in out and "acc(mean)" in out
+    gvm.train(gvm.Args(**base, out=str(tmp_path / "rm")), reward.BradleyTerry())
+    out = capsys.readouterr().out
+    evals = [line for line in out.splitlines() if line.startswith(("eval step", "saved"))]
+    assert len(evals) == 3 and all("accuracy" in e and "bt loss" in e and "acc(mean)" not in e for e in evals), out

@@ -225,3 +225,18 @@ def test_resume_names_a_checkpoint_without_its_policy(tiny_world, tiny_gvm, tmp_
         lambda: dvpo.main(tiny_dvpo_argv(tiny_world, tiny_gvm, out, "--steps", "2", "--save-every", "1", "--resume")),
     )
     assert f"--resume: {out} has no config.json" in err and "--policy" not in err
+
+
+def test_a_periodic_checkpoint_holds_the_evaluation_of_its_step(tiny_world, tiny_gvm, tmp_path, monkeypatch):
+    """--save-every writes after that step's held-out evaluation, so the checkpoint's metrics.jsonl has it."""
+    saved, save_run = [], checkpoint.save_run
+
+    def spy(out, summary, policy, tok, records, state):
+        saved.append([r["step"] for r in records if any(k.startswith("eval/") for k in r)])
+        return save_run(out, summary, policy, tok, records, state)
+
+    monkeypatch.setattr(checkpoint, "save_run", spy)
+    dvpo.main(
+        tiny_dvpo_argv(tiny_world, tiny_gvm, tmp_path / "run", "--steps", "5", "--eval-every", "2", "--save-every", "2")
+    )
+    assert saved == [[0, 2], [0, 2, 4], [0, 2, 4, 5]]  # checkpoints at 2 and 4, then the final one
