@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from infra import distributed, lora
+from infra import distributed, gguf, lora
 from infra.cli import UsageError
 
 PAD_TOKEN = "<|pad|>"  # added when a tokenizer has no pad token distinct from EOS; never sampled
@@ -41,6 +41,11 @@ def from_pretrained(load, name, flag, what):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if gguf.is_gguf(name):  # converted once into a plain folder beside it; under torchrun rank 0 converts
+        if distributed.is_main():
+            gguf.plain_folder(name, flag)
+        distributed.barrier()
+        name = gguf.plain_folder(name, flag)
     if not os.path.isdir(name) and looks_local(name):
         raise UsageError(f"{flag} {name}: no such folder")
     try:
