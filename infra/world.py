@@ -13,6 +13,14 @@ paper's IMDB setup, docs/DVPO.md §6):
 
     python -m infra.world                      # build into ckpt/ (any script also does this on first use)
     python -m infra.world --label-flip 0.25    # AlpacaFarm-style label noise
+
+The same world around any causal LM (a local folder, a .gguf, or a hub name): the SFT policy is the model itself
+(copied into OUT/sft as it came), the prompts are short English requests for a review or an opinion (REQUESTS,
+shipped; chat messages for a model with a chat template, "Question: ...\nAnswer:" text otherwise), and the pairs
+are two samples of the model per prompt, labelled by the same gold judge. A pair is kept only when both responses
+ended (EOS) within --max-new-tokens: a response cut by the budget is never labelled or trained as finished.
+
+    python -m infra.world --model ckpt/smollm2 --out ckpt-smollm2 --max-new-tokens 96
 """
 
 import dataclasses
@@ -30,7 +38,7 @@ import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one lin
 
 import torch
 
-from infra import checkpoint, cli, distributed, models
+from infra import checkpoint, cli, distributed, gguf, models
 from infra.cli import arg, parse_args, run_main
 
 ROOT = "ckpt"
@@ -430,6 +438,135 @@ def build_world(root=ROOT, cfg: WorldConfig = None, progress=True):
     return stats
 
 
+# ---------------------------------------------------------------------------------------------- any causal LM
+REQUESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "requests.txt")  # experiments/make_requests.py
+EMBEDDED_ONLY = ("sft_steps", "sft_batch", "sft_lr", "hidden", "layers", "heads")  # the tiny SFT Llama's
+
+
+def model_prompts(tok, n, seed):
+    """n shipped requests in a seeded order, as the model is prompted: a user message where the tokenizer has a chat
+    template, plain text otherwise."""
+    with open(REQUESTS) as f:
+        requests = [line.strip() for line in f if line.strip()]
+    if n > len(requests):
+        raise cli.UsageError(f"--n-train-prompts + --n-eval-prompts = {n}: {REQUESTS} ships {len(requests)} requests")
+    random.Random(seed).shuffle(requests)
+    if tok.chat_template:
+        return [[{"role": "user", "content": r}] for r in requests[:n]]
+    return [f"Question: {r}\nAnswer:" for r in requests[:n]]
+
+
+@torch.no_grad()
+def sample_encoded(model, tok, prompts, max_new_tokens, batch_size, progress=True, desc="sampling"):
+    """sample_responses for prompts in any shape data.prompt_ids reads (text or a message list): (texts, ended),
+    ended meaning the response reached one of the model's EOS ids within max_new_tokens."""
+    from infra import data  # data imports this module
+
+    ids = [data.prompt_ids(tok, p) for p in prompts]
+    eos = torch.tensor(models.eos_ids(tok, model))
+    texts, ended = [], []
+    for i in cli.progress(range(0, len(ids), batch_size), desc, progress):
+        part = ids[i : i + batch_size]
+        P = max(map(len, part))
+        input_ids = torch.tensor([[tok.pad_token_id] * (P - len(x)) + x for x in part])
+        mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in part])
+        response = models.sample(model, tok, input_ids, mask, max_new_tokens)[:, P:]
+        texts += models.continuations(tok, input_ids, response)
+        ended += torch.isin(response, eos).any(1).tolist()
+    return texts, ended
+
+
+def copy_model_files(name, dst):
+    """The model's own files into dst, as they came: a local folder's top-level files (a .gguf's converted folder),
+    or a hub model's snapshot."""
+    src = gguf.plain_folder(name, "--model") if gguf.is_gguf(name) else name
+    if not os.path.isdir(src):
+        from huggingface_hub import snapshot_download
+
+        src = snapshot_download(name)
+    os.makedirs(dst)
+    for f in sorted(os.listdir(src)):
+        if os.path.isfile(os.path.join(src, f)) and not f.endswith(".gguf") and f != gguf.MARKER:
+            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+
+
+def build_model_world(name, root, cfg: WorldConfig, progress=True):
+    """The world around causal LM `name`: root/sft (the model, as it came) and root/data (prompts and gold-labelled
+    pairs of its own samples), atomically as build_world writes the embedded one."""
+    from infra import data  # data imports this module
+
+    refuse_foreign_folders(root)
+    t0 = time.time()
+    print(
+        f"building a world around {name} into {root}/ (seed {cfg.seed}): {cfg.n_train_prompts} + "
+        f"{cfg.n_eval_prompts} prompts, two samples each of at most {cfg.max_new_tokens} tokens",
+        flush=True,
+    )
+    tok = models.load_tokenizer(name, "--model")
+    positions = models.position_limit(name, "--model")
+    model = models.load_model(name, tok, "--model").eval()
+    prompts = model_prompts(tok, cfg.n_train_prompts + cfg.n_eval_prompts, cfg.seed)
+    longest = max(len(data.prompt_ids(tok, p)) for p in prompts)
+    if positions and longest + cfg.max_new_tokens > positions:
+        raise cli.UsageError(f"--max-new-tokens {cfg.max_new_tokens}: --model {name} has only {positions} positions")
+    torch.manual_seed(cfg.seed + 1)
+    a, a_end = sample_encoded(model, tok, prompts, cfg.max_new_tokens, cfg.gen_batch, progress, "world: pairs (1/2)")
+    b, b_end = sample_encoded(model, tok, prompts, cfg.max_new_tokens, cfg.gen_batch, progress, "world: pairs (2/2)")
+    rng, n = random.Random(cfg.seed), cfg.n_train_prompts
+    keep = [x and y for x, y in zip(a_end, b_end)]  # a response cut by the budget is not a finished one
+
+    def kept(lo, hi):
+        return [[x for x, k in zip(xs[lo:hi], keep[lo:hi]) if k] for xs in (prompts, a, b)]
+
+    pairs_train = label_pairs(*kept(0, n), cfg, rng, cfg.label_flip)
+    pairs_eval = label_pairs(*kept(n, None), cfg, rng, 0.0)
+    if not pairs_train or not pairs_eval:
+        raise cli.UsageError(
+            f"--max-new-tokens {cfg.max_new_tokens}: {sum(keep)} of {len(keep)} prompts had both responses end within "
+            "it, leaving no train or no held-out pair; raise it"
+        )
+    gold = gold_scores(a)
+    stats = {
+        "model": name,
+        "chat": bool(tok.chat_template),
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "eos_rate": (sum(a_end) + sum(b_end)) / (2 * len(prompts)),
+        "pairs_dropped_truncated": len(keep) - sum(keep),
+        "gold_mean": sum(gold) / len(gold),
+        "gold_mean_ended": sum(g for g, e in zip(gold, a_end) if e) / max(1, sum(a_end)),
+        "n_prompts_train": n,
+        "n_prompts_eval": cfg.n_eval_prompts,
+        "n_pairs_train": len(pairs_train),
+        "n_pairs_eval": len(pairs_eval),
+        "label_agrees_with_gold": sum(r["score_chosen"] > r["score_rejected"] for r in pairs_train) / len(pairs_train),
+        "samples": [{"prompt": data.show(p), "response": x, "ended": e} for p, x, e in zip(prompts[:5], a, a_end)],
+        "build_seconds": round(time.time() - t0, 1),
+    }
+    os.makedirs(root, exist_ok=True)
+    tmp = checkpoint.make_tmp_dir(root, "world")
+    try:
+        copy_model_files(name, os.path.join(tmp, "sft"))
+        folder = os.path.join(tmp, "data")
+        os.makedirs(folder)
+        write_jsonl(os.path.join(folder, "prompts_train.jsonl"), [{"prompt": p} for p in prompts[:n]])
+        write_jsonl(os.path.join(folder, "prompts_eval.jsonl"), [{"prompt": p} for p in prompts[n:]])
+        write_jsonl(os.path.join(folder, "pairs_train.jsonl"), pairs_train)
+        write_jsonl(os.path.join(folder, "pairs_eval.jsonl"), pairs_eval)
+        config = {"model": name, **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in EMBEDDED_ONLY}}
+        with open(os.path.join(folder, MARKER), "w") as f:
+            json.dump({"config": config, "stats": stats}, f, indent=2)
+        install(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"world ready in {stats['build_seconds']}s: {stats['model_params']:,} params, EOS within the budget "
+        f"{stats['eos_rate']:.1%}, pairs {len(pairs_train)} train / {len(pairs_eval)} held-out "
+        f"({stats['pairs_dropped_truncated']} prompts dropped for a truncated response)",
+        flush=True,
+    )
+    return stats
+
+
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_world")  # the default world, built here
 
 
@@ -498,6 +635,9 @@ def copy_shipped_world(root):
 @dataclass
 class BuildArgs(WorldConfig):
     out: str = arg(ROOT, "folder that receives sft/ and data/")
+    model: str = arg(
+        "", "a causal LM (folder, .gguf or hub name) to build the world around; empty: the embedded tiny world"
+    )
 
 
 def main(argv=None):
@@ -507,7 +647,17 @@ def main(argv=None):
     def build():
         cli.check_args(args)
         checkpoint.check_writable(args.out, "--out")
-        print(json.dumps(build_world(args.out, cfg), indent=2))
+        if not args.model:
+            print(json.dumps(build_world(args.out, cfg), indent=2))
+            return
+        for name in EMBEDDED_ONLY:
+            if getattr(args, name) != getattr(WorldConfig, name):
+                flag = "--" + name.replace("_", "-")
+                raise cli.UsageError(f"{flag}: sizes the embedded world's SFT Llama; with --model the model is the SFT")
+        source, out = os.path.abspath(args.model), os.path.abspath(args.out)
+        if os.path.exists(args.model) and (source == out or source.startswith(out + os.sep)):
+            raise cli.UsageError(f"--out {args.out}: holds --model {args.model}; build the world in another folder")
+        print(json.dumps(build_model_world(args.model, args.out, cfg), indent=2))
 
     run_main(build)
 

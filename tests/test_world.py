@@ -93,3 +93,108 @@ def test_the_world_build_logs_progress_lines_when_not_on_a_terminal(tmp_path):
     lines = proc.stdout.splitlines()
     assert sum(line.startswith("world: SFT policy: ") and ", loss " in line for line in lines) == 10
     assert any(line.startswith("world: pairs (2/2): 1/1") for line in lines)
+
+
+def model_with_template(tiny_world, folder, template):
+    """The tiny world's SFT policy as 'a user's causal LM', with or without a chat template."""
+    import shutil
+
+    shutil.copytree(tiny_world / "sft", folder)
+    if template:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_world_around_any_causal_lm(tiny_world, tmp_path, chat, capsys):
+    """Layout, prompts in the model's form, pairs of its own samples labelled by the gold judge, and no response
+    cut by --max-new-tokens in any pair: with a budget of 12 tokens, an ended response has at most 11 words (the
+    word-level tokenizer: one token a word) and a cut one 12."""
+    import dvpo
+    import gvm
+
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}" if chat else ""
+    model = model_with_template(tiny_world, tmp_path / "model", template)
+    out = tmp_path / "w"
+    world.main(
+        ["--model", model, "--out", str(out), "--n-train-prompts", "60", "--n-eval-prompts", "20"]
+        + ["--max-new-tokens", "12", "--gen-batch", "40"]
+    )
+    assert files_digest(out / "sft") == files_digest(tmp_path / "model")  # the model as it came
+    marker = json.loads((out / "data" / world.MARKER).read_text())
+    stats = marker["config"]["model"] == model and marker["stats"]
+    assert stats["pairs_dropped_truncated"] > 0 and stats["chat"] == chat
+    prompts = [json.loads(x)["prompt"] for x in (out / "data" / "prompts_train.jsonl").read_text().splitlines()]
+    requests = set(open(world.REQUESTS).read().splitlines())
+    if chat:
+        assert all(p[0]["role"] == "user" and p[0]["content"] in requests for p in prompts)
+    else:
+        assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") and p[10:-8] in requests for p in prompts)
+    pairs = [json.loads(x) for x in (out / "data" / "pairs_train.jsonl").read_text().splitlines()]
+    n_eval = len((out / "data" / "pairs_eval.jsonl").read_text().splitlines())
+    assert (
+        len(pairs) == stats["n_pairs_train"] and pairs and len(pairs) + n_eval <= 80 - stats["pairs_dropped_truncated"]
+    )
+    for row in pairs:
+        assert world.gold_scores([row["chosen"], row["rejected"]]) == [row["score_chosen"], row["score_rejected"]]
+        assert max(len(row["chosen"].split()), len(row["rejected"].split())) <= 11  # every response ended
+    # the chain runs on it unchanged, with the gold judge on
+    gvm.main(
+        [
+            "--model",
+            str(out / "sft"),
+            "--data",
+            str(out / "data" / "pairs_train.jsonl"),
+            "--eval-data",
+            str(out / "data" / "pairs_eval.jsonl"),
+            "--out",
+            str(tmp_path / "gvm"),
+            "--max-steps",
+            "2",
+        ]
+    )
+    dvpo.main(
+        [
+            "--gvm",
+            str(tmp_path / "gvm"),
+            "--policy",
+            str(out / "sft"),
+            "--prompts",
+            str(out / "data" / "prompts_train.jsonl"),
+            "--eval-prompts",
+            str(out / "data" / "prompts_eval.jsonl"),
+            "--out",
+            str(tmp_path / "dvpo"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--minibatch-size",
+            "2",
+            "--eval-n",
+            "4",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
+    assert "eval/gold" in json.loads((tmp_path / "dvpo" / "summary.json").read_text())
+
+
+def test_a_model_world_refuses_embedded_only_flags_and_its_own_model_as_out(tiny_world, tmp_path, capsys):
+    from helpers import one_line_error
+
+    model = model_with_template(tiny_world, tmp_path / "model", "")
+    cases = [
+        (["--sft-steps", "5"], "--sft-steps: sizes the embedded world's SFT Llama; with --model the model is the SFT"),
+        (["--out", model], f"--out {model}: holds --model {model}; build the world in another folder"),
+        (["--out", str(tmp_path)], f"--out {tmp_path}: holds --model {model}; build the world in another folder"),
+        (
+            ["--n-train-prompts", "5000"],
+            f"--n-train-prompts + --n-eval-prompts = 5500: {world.REQUESTS} ships 4150 requests",
+        ),
+    ]
+    for extra, message in cases:
+        argv = ["--model", model, "--out", str(tmp_path / "w"), *extra]
+        assert one_line_error(capsys, lambda: world.main(argv)) == f"error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
