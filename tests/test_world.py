@@ -128,7 +128,8 @@ def test_a_world_around_any_causal_lm(tiny_world, tmp_path, chat, capsys):
     prompts = [json.loads(x)["prompt"] for x in (out / "data" / "prompts_train.jsonl").read_text().splitlines()]
     requests = set(open(world.REQUESTS).read().splitlines())
     if chat:
-        assert all(p[0]["role"] == "user" and p[0]["content"] in requests for p in prompts)
+        assert all(p[0] == {"role": "system", "content": world.SYSTEM} for p in prompts)
+        assert all(p[1]["role"] == "user" and p[1]["content"] in requests for p in prompts)
     else:
         assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") and p[10:-8] in requests for p in prompts)
     pairs = [json.loads(x) for x in (out / "data" / "pairs_train.jsonl").read_text().splitlines()]
