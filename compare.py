@@ -57,6 +57,11 @@ METHODS = {
 @dataclass
 class Args:
     root: str = arg("ckpt/bench", "folder for the benchmark world, the value models and every run")
+    world: str = arg(
+        "",
+        "an existing world folder (sft/ and data/, e.g. from python -m infra.world --model M) instead of building "
+        "the benchmark world; the world's size flags then do not apply",
+    )
     hidden: int = arg(
         128, "width of the benchmark world's Llama (the model-state share of memory grows with it)", ">= 1"
     )
@@ -120,7 +125,11 @@ class Args:
 
 
 def bench_world(args):
-    """The benchmark world in args.root, built unless one with the same settings is there."""
+    """The benchmark world in args.root, built unless one with the same settings is there; or --world's."""
+    if args.world:
+        if not os.path.isfile(os.path.join(args.world, "data", world.MARKER)):
+            raise UsageError(f"--world {args.world}: no data/{world.MARKER}, so not a world (python -m infra.world)")
+        return world_paths(args.world)
     cfg = world.WorldConfig(
         hidden=args.hidden,
         layers=args.layers,
@@ -137,8 +146,12 @@ def bench_world(args):
             built = json.load(f)["config"]
     if built != asdict(cfg):
         world.build_world(args.root, cfg)
+    return world_paths(args.root)
+
+
+def world_paths(root):
     return {
-        name: os.path.join(args.root, *parts)
+        name: os.path.join(root, *parts)
         for name, parts in (
             ("sft", ("sft",)),
             ("pairs", ("data", "pairs_train.jsonl")),
@@ -642,7 +655,7 @@ def compare(args: Args):
 
 def main(argv=None):
     args = cli.parse_args(Args, argv, __doc__)
-    cli.run_main(lambda: compare(args))
+    return cli.run_main(lambda: compare(args))
 
 
 if __name__ == "__main__":

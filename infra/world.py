@@ -16,11 +16,12 @@ paper's IMDB setup, docs/DVPO.md §6):
 
 The same world around any causal LM (a local folder, a .gguf, or a hub name): the SFT policy is the model itself
 (copied into OUT/sft as it came), the prompts are short English requests for a review or an opinion (REQUESTS,
-shipped; chat messages for a model with a chat template, "Question: ...\nAnswer:" text otherwise), and the pairs
+shipped; a system turn asking for one short sentence and the request as the user's for a model with a chat
+template, "Question: ...\nAnswer:" text otherwise), and the pairs
 are two samples of the model per prompt, labelled by the same gold judge. A pair is kept only when both responses
 ended (EOS) within --max-new-tokens: a response cut by the budget is never labelled or trained as finished.
 
-    python -m infra.world --model ckpt/smollm2 --out ckpt-smollm2 --max-new-tokens 96
+    python -m infra.world --model ckpt/smollm2 --out ckpt/smol --max-new-tokens 64
 """
 
 import dataclasses

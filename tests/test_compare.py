@@ -175,3 +175,20 @@ def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys)
             16 * trained * 3 / 4 - gathered + one["activations"] - (gpus[4][f"ddp {m}"] * 2**30 - one[m]), rel=1e-6
         )
         assert (gpus[4][f"fsdp {m}"] - gpus[4][f"fsdp+frozen {m}"]) * 2**30 == pytest.approx(frozen * 3 / 4, rel=1e-6)
+
+
+def test_compare_runs_on_an_existing_world(tiny_world, tmp_path, capsys):
+    """--world: a world built elsewhere (e.g. around a real model) is used as it is, its SFT and data untouched."""
+    from helpers import files_digest, one_line_error
+
+    before = files_digest(tiny_world)
+    argv = ["--world", str(tiny_world), "--root", str(tmp_path / "bench"), "--methods", "dvpo,ppo", "--seeds", "0"]
+    argv += ["--steps", "1", "--eval-n", "4", "--batch-size", "4", "--minibatch-size", "2", "--value-epochs", "1"]
+    res = compare.main(argv)
+    assert set(res) >= {"dvpo", "ppo"} and res["value_models"]["gvm"]["eval/pairs"] > 0
+    assert json.loads((tmp_path / "bench" / "gvm" / "value_model.json").read_text())["base_model"] == str(
+        tiny_world / "sft"
+    )
+    assert files_digest(tiny_world) == before and not (tmp_path / "bench" / "sft").exists()
+    err = one_line_error(capsys, lambda: compare.main(["--world", str(tmp_path), "--root", str(tmp_path / "b2")]))
+    assert err == f"error: --world {tmp_path}: no data/world.json, so not a world (python -m infra.world)"
