@@ -96,6 +96,9 @@ class Args:
         "stage A's --rm-epochs)",
         ">= 0",
     )
+    value_lr: float = arg(
+        0.0, "learning rate of GVM and reward-model training; 0: each one's default (--lr, --rm-lr)", ">= 0"
+    )
     eval_n: int = arg(500, "held-out prompts of each run's evaluations", ">= 1")
     extra: str = arg("", "more flags for every trainer, e.g. '--dtype bf16 --micro-batch-size 4'")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
@@ -171,6 +174,7 @@ def value_models(args, paths):
         "eval_data": paths["pairs_eval"],
         "device": args.device,
         **({"epochs": args.value_epochs} if args.value_epochs else {}),
+        **({"lr": args.value_lr} if args.value_lr else {}),
     }
     return {
         "gvm": gvm.train(gvm.Args(out=os.path.join(args.root, "gvm"), **common)),

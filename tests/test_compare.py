@@ -184,8 +184,11 @@ def test_compare_runs_on_an_existing_world(tiny_world, tmp_path, capsys):
     before = files_digest(tiny_world)
     argv = ["--world", str(tiny_world), "--root", str(tmp_path / "bench"), "--methods", "dvpo,ppo", "--seeds", "0"]
     argv += ["--steps", "1", "--eval-n", "4", "--batch-size", "4", "--minibatch-size", "2", "--value-epochs", "1"]
+    argv += ["--value-lr", "3e-4"]
     res = compare.main(argv)
     assert set(res) >= {"dvpo", "ppo"} and res["value_models"]["gvm"]["eval/pairs"] > 0
+    lrs = [json.loads((tmp_path / "bench" / m / "summary.json").read_text())["args"]["lr"] for m in ("gvm", "rm")]
+    assert lrs == [3e-4, 3e-4]
     assert json.loads((tmp_path / "bench" / "gvm" / "value_model.json").read_text())["base_model"] == str(
         tiny_world / "sft"
     )
