@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers import ENV, REPO, TINY_WORLD, files_digest
+from helpers import ENV, REPO, TINY_WORLD, files_digest, tiny_dvpo_argv
 from infra import data, models, world
 
 
@@ -155,30 +155,8 @@ def test_a_world_around_any_causal_lm(tiny_world, tmp_path, chat, capsys):
             "2",
         ]
     )
-    dvpo.main(
-        [
-            "--gvm",
-            str(tmp_path / "gvm"),
-            "--policy",
-            str(out / "sft"),
-            "--prompts",
-            str(out / "data" / "prompts_train.jsonl"),
-            "--eval-prompts",
-            str(out / "data" / "prompts_eval.jsonl"),
-            "--out",
-            str(tmp_path / "dvpo"),
-            "--steps",
-            "1",
-            "--batch-size",
-            "4",
-            "--minibatch-size",
-            "2",
-            "--eval-n",
-            "4",
-            "--max-new-tokens",
-            "12",
-        ]
-    )
+    extra = ["--steps", "1", "--batch-size", "4", "--minibatch-size", "2", "--eval-n", "4", "--max-new-tokens", "12"]
+    dvpo.main(tiny_dvpo_argv(out, tmp_path / "gvm", tmp_path / "dvpo", *extra))  # any world's layout
     assert "eval/gold" in json.loads((tmp_path / "dvpo" / "summary.json").read_text())
 
 
