@@ -42,7 +42,9 @@ def run_main(fn):
         interrupted.append(True)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # a process started with Ctrl-C ignored (`cmd &` in a script, nohup) keeps ignoring it, as Python does
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    previous = None if ignored else signal.signal(signal.SIGINT, on_sigint)
     try:
         out = fn()
         distributed.close()
@@ -60,7 +62,8 @@ def run_main(fn):
             _say_interrupted()
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         for end in _at_end:
             end()
 

@@ -297,13 +297,21 @@ def test_a_ctrl_c_a_library_turned_into_another_error_is_still_an_interrupt(caps
         except KeyboardInterrupt as e:
             raise cli.UsageError("ckpt/sft: the folder gave no tokenizer (ModuleNotFoundError: ...)") from e
 
-    with pytest.raises(SystemExit) as e:
-        cli.run_main(swallowed)
-    assert e.value.code == 130
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "interrupted: the output folder holds the last complete save, if any"
-    ]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own Ctrl-C restored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under `pytest &`
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run_main(swallowed)
+        assert e.value.code == 130
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "interrupted: the output folder holds the last complete save, if any"
+        ]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own Ctrl-C restored
+        # started with Ctrl-C ignored (`cmd &` in a script, nohup), a run keeps ignoring it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert cli.run_main(lambda: signal.raise_signal(signal.SIGINT) or "finished") == "finished"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(tmp_path):
