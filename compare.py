@@ -9,6 +9,12 @@ methods adapt their beta towards one KL target, so that quality compares at comp
     python compare.py --methods dvpo,ppo --target-kl 0  # DVPO and PPO alone, each at its fixed beta
     python compare.py --seeds 0 --steps 2 --eval-n 20   # a smoke run
     python compare.py --analytic docs/model-configs/llama-3-8b  # the memory model (§7) for a real model's config only
+    python compare.py --frontier                        # gold against KL: every method at 4 KL budgets, 3 seeds
+    python compare.py --frontier --quick                # the same figure in minutes (2 budgets, 1 seed, short runs)
+
+--frontier (docs/usage.md, "Comparing methods") judges every method at several KL budgets, the way the field
+compares RLHF methods (Gao et al. 2022; the DPO paper's Figure 2): each run evaluated on the same held-out prompts,
+finished runs reused, a JSON, a table per method and a PNG.
 
 Memory on CUDA is torch.cuda.max_memory_allocated per phase; on CPU it is the tally of parameter, gradient and
 optimizer-state bytes plus the peak bytes of activations saved for backward, with process RSS beside it.
@@ -16,19 +22,20 @@ optimizer-state bytes plus the peak bytes of activations saved for backward, wit
 
 import importlib
 import json
+import math
 import os
 import shlex
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
 
 import gvm
 import reward
-from infra import checkpoint, cli, world
+from infra import checkpoint, cli, memory, plots, world
 from infra.cli import UsageError, arg
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -53,15 +60,41 @@ METHODS = {
     "dvpo-lam1": ("dvpo.py", "DVPO, λ = 1", lambda a: ["--gvm", os.path.join(a.root, "gvm"), "--lam", "1.0"]),
 }
 
+FRONTIER_METHODS = "dvpo,ppo,grpo,remax,dpo"  # --frontier's default: the paper's five methods
+
 
 @dataclass
 class Args:
-    root: str = arg("ckpt/bench", "folder for the benchmark world, the value models and every run")
+    root: str = arg(
+        "",
+        "folder for the value models and every run (and the benchmark world); empty: ckpt/bench, ckpt/frontier "
+        "with --frontier, ckpt/frontier-quick with --quick",
+    )
     world: str = arg(
         "",
         "an existing world folder (sft/ and data/, e.g. from python -m infra.world --model M) instead of building "
-        "the benchmark world; the world's size flags then do not apply",
+        "the benchmark world (--frontier: instead of the embedded world in ckpt/); the world's size flags then do "
+        "not apply",
     )
+    frontier: bool = arg(
+        False,
+        "the gold-KL frontier: every method at each KL budget in --targets (DPO at betas spanning them) and each "
+        "seed, each run evaluated on the same held-out prompts; a JSON, a table per method and a PNG",
+    )
+    targets: str = arg(
+        "1.5,3,6,12", "with --frontier: KL budgets (nats/seq), the online methods' adaptive-beta targets"
+    )
+    dpo_betas: str = arg(
+        "",
+        "with --frontier: DPO's betas (comma-separated); empty: chosen to span --targets from two seed-0 pilot "
+        "runs (at --dpo-beta and 4x it)",
+    )
+    quick: bool = arg(
+        False,
+        "with --frontier: a budget that runs in minutes on 2 CPU cores (2 targets, 1 seed, 40 steps of 32 "
+        "prompts, 200 held-out prompts, DPO 1 epoch); it sets those flags",
+    )
+    plot: str = arg("", "with --frontier: the PNG to write; empty: next to the JSON")
     hidden: int = arg(
         128, "width of the benchmark world's Llama (the model-state share of memory grows with it)", ">= 1"
     )
@@ -75,7 +108,11 @@ class Args:
     n_eval_prompts: int = arg(
         500, "held-out prompts of the benchmark world, one preference pair sampled on each", ">= 1"
     )
-    methods: str = arg(",".join(METHODS), "comma-separated, run in this order for each seed: " + ", ".join(METHODS))
+    methods: str = arg(
+        "",
+        "comma-separated, run in this order for each seed: " + ", ".join(METHODS) + "; empty: all of them, "
+        f"or with --frontier the five methods ({FRONTIER_METHODS})",
+    )
     seeds: str = arg("0,1,2", "comma-separated seeds; each runs every method")
     steps: int = arg(100, "RL steps of every online run", ">= 1")
     batch_size: int = arg(64, "prompts per RL step (GRPO samples --group-size responses to each)", ">= 1")
@@ -177,9 +214,20 @@ def value_models(args, paths):
         **({"lr": args.value_lr} if args.value_lr else {}),
     }
     return {
-        "gvm": gvm.train(gvm.Args(out=os.path.join(args.root, "gvm"), **common)),
-        "rm": reward.train_reward_model(os.path.join(args.root, "rm"), **common),
+        "gvm": trained_or_reused(gvm.Args(out=os.path.join(args.root, "gvm"), **common)),
+        "rm": trained_or_reused(
+            reward.reward_model_args(os.path.join(args.root, "rm"), **common), reward.BradleyTerry()
+        ),
     }
+
+
+def trained_or_reused(a: gvm.Args, objective=None):
+    """gvm.train(a, objective), unless a.out already holds a value model trained with exactly these flags."""
+    done = os.path.join(a.out, "summary.json")
+    if os.path.isfile(done) and json.load(open(done)).get("args") == json.loads(json.dumps(asdict(a))):
+        print(f"compare: reusing {a.out} (trained with the same flags)", flush=True)
+        return json.load(open(done))
+    return gvm.train(a, objective)
 
 
 def run(script, flags, log_path, nproc=1):
@@ -210,7 +258,7 @@ def read_run(folder):
     )
 
 
-def memory(steps, cuda):
+def peak_memory(steps, cuda):
     """Peak bytes per phase and overall, the model-state tally, and RSS, over a run's steps (DPO has no
     generate or score phase)."""
     out = {}
@@ -242,7 +290,7 @@ def summarize(method, runs, cuda):
     times = {p: statistics.median(m[f"time/{p}"] for m in steps) for p in phases}
     times["step"] = statistics.median(sum(m[f"time/{p}"] for p in phases) for m in steps)
     times["run"] = statistics.median(s["time/wall_seconds"] for _, _, s in runs)
-    mems = [memory(st, cuda) for st, _, _ in runs]
+    mems = [peak_memory(st, cuda) for st, _, _ in runs]
     mem = {k: max(m[k] for m in mems) for k in mems[0]}
     s0 = runs[0][2]
     frozen_bytes = 4 if s0["args"]["dtype"] == "fp32" else 2  # --dtype stores frozen models in 2 bytes
@@ -267,6 +315,14 @@ def summarize(method, runs, cuda):
         "params_trained": s0["params/trained"],
         "params_frozen": s0["params/frozen"],
     }
+
+
+def machine(device, nproc):
+    """The machine the runs ran on, as the tables name it."""
+    import torch
+
+    name = f"CUDA ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return name + (f", {nproc} processes per run" if nproc > 1 else "")
 
 
 def mib(x):
@@ -362,172 +418,6 @@ def report(res, vm, args, cuda, device_name, n_pairs):
     return "\n".join(lines)
 
 
-def plot(res, path):
-    """Gold reward against KL at each evaluation, per method and seed (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for m, color in zip(res, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray")):
-        for i, curve in enumerate(res[m]["curve"]):
-            ax.plot(*zip(*curve), "o-", color=color, alpha=0.6, label=res[m]["label"] if i == 0 else None)
-    ax.set_xlabel("KL(π‖π_ref), nats per sequence")
-    ax.set_ylabel("held-out gold reward (VADER)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-CARDS_GIB, HEADROOM = (24, 40, 80), 0.9  # a card "fits" when the estimate is under 90% of its memory
-
-
-def model_sizes(name):
-    """(config, policy parameters, value-model parameters, [(in, out) of every linear layer LoRA adapts], parameters
-    of one decoder layer), from a config alone: the model is instantiated on the meta device, so nothing is
-    allocated or downloaded."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--analytic {name}: no model config there ({str(e).splitlines()[0][:160]})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    n = sum(p.numel() for p in model.parameters())
-    v = n + config.hidden_size + 1  # a value model: the backbone and its scalar head (lm_head is tied or dropped)
-    if not config.tie_word_embeddings:
-        v -= model.get_output_embeddings().weight.numel()
-    head = model.get_output_embeddings()
-    linears = [
-        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
-    ]
-    layer = next(m for m in model.modules() if type(m).__name__ in model._no_split_modules)
-    return config, n, v, linears, sum(p.numel() for p in layer.parameters())
-
-
-def states_bytes(method, n, v, adapters, head, trained, frozen):
-    """§7's model states of DVPO (policy, reference, GVM) or PPO (policy, critic, reference, reward model). Full
-    fine-tuning: trained bytes per policy (and critic) parameter, frozen bytes per reference (and GVM or reward
-    model) parameter. LoRA: one base per backbone in frozen bytes (the reference shares the policy's, the
-    reward model the critic's) plus trained bytes per adapter (and critic head) parameter."""
-    if adapters is None:
-        return trained * n + frozen * (n + v) + (trained * v if method == "ppo" else 0)
-    return frozen * (n + v) + trained * adapters + (trained * (adapters + head) if method == "ppo" else 0)
-
-
-def analytic_memory(args):
-    """§7's memory model for real models' configs (--analytic, comma-separated): model states of DVPO and PPO,
-    full fine-tuning and LoRA (--lora-r), frozen models in fp32 or bf16, AdamW (16 B per trained parameter: fp32
-    weight, gradient, two moments) or 8-bit AdamW (10 B); the largest activations for --batch-size
-    prompts of --prompt-len tokens and responses of --response-len (generation's KV cache; the update's logits
-    of a --micro-batch-size with --logprob-chunk, and the layer inputs gradient checkpointing keeps); and
-    which cards of 24, 40 and 80 GiB the total fits."""
-    gib = lambda x: x / 2**30  # noqa: E731
-    setups = [
-        ("full, fp32", None, 16, 4),
-        ("full, bf16 frozen", None, 16, 2),
-        ("full, bf16 frozen, 8-bit AdamW", None, 10, 2),
-        (f"LoRA r={args.lora_r}, bf16 frozen", args.lora_r, 16, 2),
-        (f"LoRA r={args.lora_r}, bf16 frozen, 8-bit AdamW", args.lora_r, 10, 2),
-    ]
-    lines, out = [], {}
-    for name in [x.strip() for x in args.analytic.split(",") if x.strip()]:
-        config, n, v, linears, layer = model_sizes(name)
-        adapters = sum(args.lora_r * (i + o) for i, o in linears)
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-        tokens = args.prompt_len + args.response_len
-        lines += [
-            f"### {name}: {n:,} parameters, value models {v:,}, LoRA r={args.lora_r} adapters {adapters:,}, "
-            f"vocabulary {config.vocab_size:,}",
-            "",
-            "| setup | model states, GiB: DVPO | PPO | DVPO/PPO | + activations, GiB | total: DVPO | PPO | "
-            "cards DVPO fits | cards PPO fits |",
-            "| --- " * 9 + "|",
-        ]
-        for setup, r, trained, frozen in setups:
-            half = 4 if frozen == 4 else 2  # activations in the frozen models' dtype
-            kv_cache = half * args.batch_size * tokens * kv
-            update = (
-                half
-                * args.micro_batch_size
-                * ((args.response_len + 1) * config.vocab_size + config.num_hidden_layers * tokens * config.hidden_size)
-            )
-            act = max(kv_cache, update)
-            d, p = (
-                states_bytes(m, n, v, adapters if r else None, config.hidden_size + 1, trained, frozen)
-                for m in ("dvpo", "ppo")
-            )
-            fits = lambda b: ", ".join(f"{c}" for c in CARDS_GIB if gib(b + act) <= HEADROOM * c) or "none"  # noqa: E731
-            lines.append(
-                f"| {setup} | {gib(d):.2f} | {gib(p):.2f} | {d / p:.2f} | {gib(act):.2f} | {gib(d + act):.2f} "
-                f"| {gib(p + act):.2f} | {fits(d)} | {fits(p)} |"
-            )
-            out.setdefault(name, {})[setup] = {"dvpo": d, "ppo": p, "activations": act}
-        lines.append("")
-        out[name].update(params=n, value_model_params=v, adapters=adapters)
-        if args.gpus:
-            more, out[name]["gpus"] = multi_gpu_rows(args, config, n, v, layer, kv, tokens)
-            lines += more
-    lines.append(
-        f"Activations: the larger of the generation KV cache ({args.batch_size} prompts of {args.prompt_len} + "
-        f"{args.response_len} tokens) and one update micro-batch ({args.micro_batch_size} responses: logits of "
-        "the response positions with --logprob-chunk, plus each layer's input under --gradient-checkpointing), "
-        f"in the frozen models' dtype. A card fits when the total is under {HEADROOM:.0%} of it."
-    )
-    table = "\n".join(lines)
-    print(table)
-    return {**(out[name] if len(out) == 1 else {}), "models": out, "table": table}
-
-
-def multi_gpu_rows(args, config, n, v, layer, kv, tokens):
-    """Per-GPU memory of full fine-tuning with bf16 frozen models (AdamW: 16 bytes per trained parameter) on
-    each number of GPUs in --gpus, each GPU taking 1/N of --batch-size. DDP: every GPU holds every model whole.
-    FSDP2 (--fsdp): a GPU holds 1/N of each trained model's 16 bytes, the frozen models whole in 2 bytes, and
-    while a trained model runs its gathered fp32 parameters and gradients for the root group (embeddings, LM
-    head, final norm) and one decoder layer. --shard-frozen: the frozen models' 2 bytes split N ways too."""
-    gib = lambda x: x / 2**30  # noqa: E731
-    root = n - config.num_hidden_layers * layer  # the policy's parameters outside its decoder layers
-    gathered = 8 * (root + layer)
-    head = ["DDP", "FSDP2", "FSDP2 + --shard-frozen"]
-    lines = [
-        "Per GPU, full fine-tuning, bf16 frozen models, AdamW (GiB: model states + gathered + activations):",
-        "",
-        "| GPUs | " + " | ".join(f"{h}: DVPO | PPO" for h in head) + " |",
-        "| --- " * 7 + "|",
-    ]
-    rows = {}
-    for N in [int(x) for x in args.gpus.split(",") if x.strip()]:
-        act = max(
-            2 * -(-args.batch_size // N) * tokens * kv,
-            2
-            * args.micro_batch_size
-            * ((args.response_len + 1) * config.vocab_size + config.num_hidden_layers * tokens * config.hidden_size),
-        )
-        cells = []
-        for shard_trained, shard_frozen in ((1, 1), (N, 1), (N, N)):
-            for trained in (n, n + v):  # DVPO trains the policy; PPO the policy and the critic
-                frozen = n + v  # DVPO: reference and GVM; PPO: reference and reward model
-                extra = gathered if shard_trained > 1 else 0
-                cells.append(gib(16 * trained / shard_trained + 2 * frozen / shard_frozen + extra + act))
-        rows[N] = dict(zip([f"{h} {m}" for h in ("ddp", "fsdp", "fsdp+frozen") for m in ("dvpo", "ppo")], cells))
-        lines.append(f"| {N} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    lines += [
-        "",
-        f"(decoder layer {layer:,} parameters, root group {root:,}; activations: the larger of the KV cache of "
-        f"{args.batch_size} / N prompts and one update micro-batch)",
-        "",
-    ]
-    return lines, rows
-
-
 def method_flags(args, method, paths, device, extra, n_pairs):
     """The command line of one method's run: the online methods share theirs; DPO trains on the pairs."""
     if method == "dpo":
@@ -585,6 +475,336 @@ def method_flags(args, method, paths, device, extra, n_pairs):
     ]
 
 
+# ---------------------------------------------------------------------------------------------- the frontier
+# --frontier: the field's comparison of RLHF methods (Gao et al. 2022; the DPO paper's Figure 2): held-out gold
+# against KL to the reference, every method at several KL budgets, so that each is judged at every budget
+QUICK = {
+    "targets": "2,6",
+    "seeds": "0",
+    "steps": 40,
+    "batch_size": 32,
+    "kl_horizon": 320,
+    "eval_n": 200,
+    "dpo_epochs": 1,
+}
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def initial_beta(target):
+    """The online methods' starting beta for a KL target: KL roughly inversely proportional to beta, 0.05 at 6
+    nats (the fixed-beta sweep in docs/results.md); the adaptive controller does the rest."""
+    return 0.3 / target
+
+
+def dpo_betas(pilots, targets):
+    """DPO's betas for the KL targets, from pilot runs [(beta, KL), ...]: a power law KL = c * beta^-p fitted
+    through the pilots (p = 1 with one pilot), solved for each target; p is held within [0.5, 2] and beta within
+    32x of the first pilot's, so that pilots that barely moved cannot send beta far away."""
+    (b0, k0), rest = pilots[0], pilots[1:]
+    p = 1.0
+    if rest:
+        b1, k1 = rest[0]
+        p = min(2.0, max(0.5, -(math.log(k1) - math.log(k0)) / (math.log(b1) - math.log(b0))))
+    return [float(f"{min(32 * b0, max(b0 / 32, b0 * (k0 / t) ** (1 / p))):.3g}") for t in targets]
+
+
+def numbers(text, flag, kind=float):
+    try:
+        xs = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        xs = []
+    if not xs or any(x <= 0 for x in xs):
+        raise UsageError(f"{flag} {text}: name numbers above 0, comma-separated")
+    return xs
+
+
+def fresh_or_reused(script, args_cls, flags, out, who="compare"):
+    """Run `script flags --out out` unless `out` already holds a finished run with the same flags; its summary."""
+    planned = asdict(cli.parse_args(args_cls, [*flags, "--out", out]))
+    done = os.path.join(out, "summary.json")
+    if os.path.isfile(done) and {k: json.load(open(done))["args"].get(k) for k in planned} == planned:
+        print(f"{who}: reusing {out}", flush=True)
+    else:
+        print(f"{who}: {script} -> {out} (its flags: {out}/summary.json, its output: {out}.log)", flush=True)
+        run(script, [*flags, "--out", out], out + ".log")
+    return json.load(open(done))
+
+
+def evaluated(policy, paths, args, device, out):
+    """One evaluate.py call on the held-out prompts (KL against the SFT policy), reused when `out` holds one with
+    the same flags written after the policy's run finished."""
+    import evaluate
+
+    flags = [policy, "--ref", paths["sft"], "--prompts", paths["prompts_eval"], "--n-prompts", str(args.eval_n)]
+    planned = asdict(cli.parse_args(evaluate.Args, [*flags, "--show-values", "0", "--device", str(device)]))
+    summary = os.path.join(policy, "summary.json")
+    if os.path.isfile(out) and (not os.path.isfile(summary) or os.path.getmtime(out) > os.path.getmtime(summary)):
+        old = json.load(open(out))
+        if {k: old["args"].get(k) for k in planned if k != "json"} == {k: v for k, v in planned.items() if k != "json"}:
+            return old["results"][0]
+    return evaluate.run(evaluate.Args(**{**planned, "json": out}))["results"][0]
+
+
+def frontier_runs(args, paths, device, extra, n_pairs, methods, targets, seeds):
+    """Every (method, budget, seed) run, trained or reused, then evaluated: one record each."""
+    runs_dir = os.path.join(args.root, "runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    records = []
+
+    def one(method, budget, value, a, seed, more=()):
+        out = os.path.join(runs_dir, f"{method}-{'b' if method == 'dpo' else 'kl'}{value:g}-s{seed}")
+        script = METHODS[method][0]
+        flags = [*method_flags(a, method, paths, device, extra, n_pairs), *more, "--seed", str(seed)]
+        summary = fresh_or_reused(script, importlib.import_module(script[:-3]).Args, flags, out)
+        ev = evaluated(out, paths, args, device, out + ".eval.json")
+        steps, evals, _ = read_run(out)
+        s = summarize(method, [(steps, evals, summary)], device.type == "cuda")
+        rec = {
+            "method": method,
+            "label": METHODS[method][1],
+            "budget": budget,
+            ("beta" if method == "dpo" else "target"): value,
+            "seed": seed,
+            "run": out,
+            **{k: ev[k] for k in ("gold", "gold_ci95", "kl", "kl_ci95", "length", "eos_rate", "distinct2")},
+            "grammatical": ev.get("grammatical"),
+            "wall_seconds": summary["time/wall_seconds"],
+            "step_seconds": s["time"]["step"],
+            "peak_bytes": s["memory"]["overall"],
+            "states_bytes": s["memory"]["states_analytic"],
+            "curve": [
+                {"step": e["step"], "elapsed": e.get("time/elapsed", 0.0), "gold": e["eval/gold"], "kl": e["eval/kl"]}
+                for e in evals
+            ],
+        }
+        records.append(rec)
+        return rec
+
+    for seed in seeds:  # a seed's runs back to back, so that every method meets the same machine load
+        for method in methods:
+            if method == "dpo":
+                continue
+            for t in targets:
+                a = replace(args, target_kl=t)
+                one(method, f"KL {t:g}", t, a, seed, ["--kl-coef", f"{initial_beta(t):.4g}"])
+    if "dpo" in methods:
+        betas = numbers(args.dpo_betas, "--dpo-betas") if args.dpo_betas else None
+        if betas is None:  # two pilots at seed 0 place DPO's betas; they stay on the figure as runs of their own
+            pilots = [
+                one("dpo", f"β {b:g}", b, replace(args, dpo_beta=b), seeds[0])
+                for b in (args.dpo_beta, 4 * args.dpo_beta)
+            ]
+            betas = dpo_betas([(r["beta"], max(r["kl"], 1e-3)) for r in pilots], targets)
+            print(
+                f"compare: DPO's pilots (beta, KL) {[(r['beta'], round(r['kl'], 2)) for r in pilots]} place its "
+                f"betas at {betas}",
+                flush=True,
+            )
+        for seed in seeds:
+            for b in dict.fromkeys(betas):  # targets past the clamp share a beta: one run
+                if not any(r["method"] == "dpo" and r["beta"] == b and r["seed"] == seed for r in records):
+                    one("dpo", f"β {b:g}", b, replace(args, dpo_beta=b), seed)
+    return records
+
+
+def welch(a, b):
+    """Difference of the mean gold of two groups of runs and the half-width of its 95% interval: Welch's t over
+    the seeds, or with one run on a side the runs' own evaluation intervals combined (sampling noise only)."""
+    ga, gb = [r["gold"] for r in a], [r["gold"] for r in b]
+    d = statistics.mean(ga) - statistics.mean(gb)
+    if len(a) < 2 or len(b) < 2:
+        return d, math.sqrt(sum(r["gold_ci95"] ** 2 / len(x) ** 2 for x in (a, b) for r in x))
+    va, vb = statistics.variance(ga) / len(a), statistics.variance(gb) / len(b)
+    if va + vb == 0:
+        return d, 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return d, T_975.get(int(df), 2.23 if df < 30 else 1.96) * math.sqrt(va + vb)  # 2.23 >= t for 10 < df < 30
+
+
+def by_budget(records, method):
+    out = {}
+    for r in records:
+        if r["method"] == method:
+            out.setdefault(r["budget"], []).append(r)
+    return out
+
+
+def frontier_at(records, method, kl, origin=None):
+    """A method's frontier (its mean gold and KL per budget, joined by straight lines, from `origin`, the SFT
+    policy's (0, gold), when given) read at `kl`; None outside its KL range."""
+    pts = sorted(
+        [
+            *([origin] if origin else []),
+            *(
+                (statistics.mean(r["kl"] for r in rs), statistics.mean(r["gold"] for r in rs))
+                for rs in by_budget(records, method).values()
+            ),
+        ]
+    )
+    if len(pts) == 1 and abs(pts[0][0] - kl) < 1e-9:
+        return pts[0][1]
+    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
+        if k0 <= kl <= k1:
+            return g0 + (g1 - g0) * (kl - k0) / (k1 - k0) if k1 > k0 else (g0 + g1) / 2
+    return None
+
+
+def frontier_report(records, sft, args, device_name, middle):
+    """Markdown: a table per method, DVPO against every method at its budgets, and memory and time at the
+    middle budget."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    label = {r["method"]: r["label"] for r in records}
+    g = lambda rs, k: statistics.mean(r[k] for r in rs)  # noqa: E731
+    lines = [f"## The gold-KL frontier on {device_name}: {len(records)} runs, seeds {args.seeds}", ""]
+    lines.append(
+        f"Online methods: {args.steps} steps of {args.batch_size} prompts (GRPO: {args.group_size} responses each), "
+        f"β adapted towards each KL target (horizon {args.kl_horizon} samples, starting at 0.3 / target); DPO: "
+        f"{args.dpo_epochs} epoch(s) over the preference pairs at each β. Every run evaluated by evaluate.py on the "
+        f"same {args.eval_n} held-out prompts (KL against the SFT policy). SFT: gold {sft['gold']:+.3f} ± "
+        f"{sft['gold_ci95']:.3f}."
+    )
+    for m in methods:
+        lines += [
+            "",
+            f"| {label[m]}: budget | gold ± 95% CI per seed (KL) | mean gold | mean KL | length | distinct-2 "
+            "| grammatical | run s | step s | peak MiB |",
+            "| --- " * 10 + "|",
+        ]
+        for budget, rs in by_budget(records, m).items():
+            gram = [r["grammatical"] for r in rs if r["grammatical"] is not None]
+            lines.append(
+                f"| {budget} | "
+                + " / ".join(f"{r['gold']:+.3f} ± {r['gold_ci95']:.3f} ({r['kl']:.1f})" for r in rs)
+                + f" | {g(rs, 'gold'):+.3f} | {g(rs, 'kl'):.2f} | {g(rs, 'length'):.1f} | {g(rs, 'distinct2'):.3f} | "
+                + (f"{statistics.mean(gram):.3f}" if gram else "—")
+                + f" | {g(rs, 'wall_seconds'):.0f} | {statistics.median(r['step_seconds'] for r in rs):.3f} "
+                f"| {max(r['peak_bytes'] for r in rs) / 2**20:.1f} |"
+            )
+    if "dvpo" in methods and len(methods) > 1:
+        others = [m for m in methods if m != "dvpo"]
+        lines += [
+            "",
+            "| DVPO's budget | DVPO gold (KL) | "
+            + " | ".join(
+                f"{label[m]} at the same target: difference ± 95% CI (its KL)"
+                if m != "dpo"
+                else f"{label[m]}'s frontier at DVPO's KL"
+                for m in others
+            )
+            + " |",
+            "| --- " * (2 + len(others)) + "|",
+        ]
+        for budget, rs in by_budget(records, "dvpo").items():
+            cells = []
+            for m in others:
+                theirs = by_budget(records, m).get(budget)
+                if theirs:
+                    d, ci = welch(rs, theirs)
+                    cells.append(f"{d:+.3f} ± {ci:.3f} ({g(theirs, 'kl'):.2f})")
+                else:
+                    at = frontier_at(records, m, g(rs, "kl"), (0.0, sft["gold"]))
+                    cells.append("— (outside its KLs)" if at is None else f"{at:+.3f} (DVPO {g(rs, 'gold') - at:+.3f})")
+            lines.append(f"| {budget} | {g(rs, 'gold'):+.3f} ({g(rs, 'kl'):.2f}) | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(
+            "A difference is DVPO's mean gold minus the other method's at the same KL target, with Welch's 95% "
+            "interval over seeds (with one seed: the two evaluations' intervals combined, sampling noise only); "
+            "a frontier is a method's per-budget means joined by straight lines, read at DVPO's mean KL."
+        )
+    targets = numbers(args.targets, "--targets")
+    lines += [
+        "",
+        "| every method's frontier read at KL | " + " | ".join(label[m] for m in methods) + " |",
+        "| --- " * (1 + len(methods)) + "|",
+    ]
+    for t in sorted(targets):
+        at = [frontier_at(records, m, t, (0.0, sft["gold"])) for m in methods]
+        best = max((a for a in at if a is not None), default=None)
+        lines.append(
+            f"| {t:g} | "
+            + " | ".join("—" if a is None else f"**{a:+.3f}**" if a == best else f"{a:+.3f}" for a in at)
+            + " |"
+        )
+    lines += [
+        "",
+        "(each method's mean gold and KL per budget joined by straight lines from the SFT policy at KL 0, read at "
+        "each KL; — beyond a method's largest KL; the highest in bold)",
+    ]
+    base = by_budget(records, "ppo").get(middle.get("ppo"))
+    lines += [
+        "",
+        "| at the middle budget | budget | median step s | peak MiB | model states MiB | run s | gold (KL) |",
+        "| --- " * 7 + "|",
+    ]
+    for m in methods:
+        rs = by_budget(records, m).get(middle.get(m), [])
+        if not rs:
+            continue
+        ratio = lambda v, k: f" ({v / k:.2f})" if base and m != "ppo" and k else ""  # noqa: E731
+        step = statistics.median(r["step_seconds"] for r in rs)
+        peak, states = max(r["peak_bytes"] for r in rs), max(r["states_bytes"] for r in rs)
+        pb = base and statistics.median(r["step_seconds"] for r in base)
+        lines.append(
+            f"| {label[m]} | {middle[m]} | {step:.3f}{ratio(step, pb)} "
+            f"| {peak / 2**20:.1f}{ratio(peak, base and max(r['peak_bytes'] for r in base))} "
+            f"| {states / 2**20:.1f}{ratio(states, base and max(r['states_bytes'] for r in base))} "
+            f"| {g(rs, 'wall_seconds'):.0f} | {g(rs, 'gold'):+.3f} ({g(rs, 'kl'):.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+def run_frontier(args, methods, seeds, extra):
+    """compare.py --frontier: the world (the embedded one unless --world), the GVM and the reward model (reused
+    when their folders hold the same training), every run, the table and the figure."""
+    targets = numbers(args.targets, "--targets")
+    if args.dpo_betas:
+        numbers(args.dpo_betas, "--dpo-betas")
+    path = args.json or os.path.join(args.root, "frontier.json")
+    png = args.plot or os.path.splitext(path)[0] + ".png"
+    checkpoint.check_writable(args.root, "--root")
+    checkpoint.check_output_file(path, "--json")
+    if not png.lower().endswith(".png"):
+        raise UsageError(f"--plot {png}: name a .png file")
+    if os.path.lexists(png) and not plots.is_png(png):
+        raise UsageError(f"--plot {png}: exists and is not a PNG; name a new file")
+    device = cli.pick_device(args.device)
+    t0 = time.time()
+    if args.world:
+        paths = bench_world(args)
+    else:
+        world.ensure_world()
+        paths = world_paths(world.ROOT)
+    vm = value_models(args, paths)
+    n_pairs = sum(1 for _ in open(paths["pairs"]))
+    records = frontier_runs(args, paths, device, extra, n_pairs, methods, targets, seeds)
+    sft = evaluated(paths["sft"], paths, args, device, os.path.join(args.root, "sft.eval.json"))
+    middle = {m: list(by_budget(records, m))[len(by_budget(records, m)) // 2] for m in methods}
+    if "dpo" in methods:  # of DPO's budgets run on every seed, the nearest in KL to the middle target
+        mid_t = sorted(targets)[len(targets) // 2]
+        dpo = by_budget(records, "dpo")
+        middle["dpo"] = min(
+            [kv for kv in dpo.items() if len(kv[1]) == max(len(rs) for rs in dpo.values())],
+            key=lambda kv: abs(math.log(max(statistics.mean(r["kl"] for r in kv[1]), 1e-3) / mid_t)),
+        )[0]
+    device_name = machine(device, args.nproc)
+    table = frontier_report(records, sft, args, device_name, middle)
+    print("\n" + table)
+    result = {
+        "records": records,
+        "sft": {k: sft[k] for k in ("gold", "gold_ci95", "kl", "length", "eos_rate", "distinct2")},
+        "middle": middle,
+        "value_models": {k: {kk: v for kk, v in s.items() if kk != "args"} for k, s in vm.items()},
+        "device": device_name,
+        "wall_seconds": time.time() - t0,
+        "args": asdict(args),
+        "table": table,
+    }
+    checkpoint.write_json(path, result)
+    plots.frontier(records, sft, png, middle)
+    print(f"\nwrote {path} and {png} ({time.time() - t0:.0f} s)")
+    return result
+
+
 def compare(args: Args):
     cli.single_process("compare.py")
     cli.check_args(args)
@@ -595,10 +815,18 @@ def compare(args: Args):
             raise UsageError(f"--gpus {args.gpus}: name numbers of GPUs as whole numbers above 0, e.g. 8,16")
         if args.json:
             checkpoint.check_output_file(args.json, "--json")
-        result = analytic_memory(args)
+        result = memory.analytic_memory(args)
         if args.json:
             checkpoint.write_json(args.json, {**result, "args": asdict(args)})
         return result
+    if args.quick and not args.frontier:
+        raise UsageError("--quick: goes with --frontier")
+    if args.quick:  # the flags the user left at their defaults
+        args = replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == getattr(Args, k)})
+    if not args.methods:
+        args = replace(args, methods=FRONTIER_METHODS if args.frontier else ",".join(METHODS))
+    default_root = "ckpt/frontier-quick" if args.quick else "ckpt/frontier" if args.frontier else "ckpt/bench"
+    args = replace(args, root=args.root or default_root)
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):
         raise UsageError(f"--seeds {args.seeds}: name seeds as comma-separated whole numbers, e.g. 0,1,2")
@@ -616,6 +844,10 @@ def compare(args: Args):
     for flag, n in (("--batch-size", args.batch_size), ("--minibatch-size", args.minibatch_size)):
         if n % args.nproc:
             raise UsageError(f"{flag} {n}: must split evenly over --nproc {args.nproc} processes")
+    if args.frontier:
+        if args.nproc > 1:
+            raise UsageError(f"--nproc {args.nproc}: --frontier runs one process per run")
+        return run_frontier(args, methods, seeds, extra)
     path = args.json or os.path.join(args.root, "compare.json")
     checkpoint.check_writable(args.root, "--root")
     checkpoint.check_output_file(path, "--json")
@@ -637,9 +869,7 @@ def compare(args: Args):
             )
             runs[method].append(read_run(out))
     cuda = device.type == "cuda"
-    device_name = (
-        f"CUDA ({__import__('torch').cuda.get_device_name(device)})" if cuda else f"CPU ({os.cpu_count()} cores)"
-    ) + (f", {args.nproc} processes per run" if args.nproc > 1 else "")
+    device_name = machine(device, args.nproc)
     res = {m: summarize(m, runs[m], cuda) for m in runs}
     table = report(res, vm, args, cuda, device_name, n_pairs)
     print("\n" + table)
@@ -652,8 +882,8 @@ def compare(args: Args):
         "table": table,
     }
     checkpoint.write_json(path, results)
-    png = plot(res, os.path.splitext(path)[0] + ".png")
-    print(f"\nwrote {path}" + (f" and {png}" if png else " (pip install matplotlib for the gold-vs-KL plot)"))
+    png = plots.gold_vs_kl(res, os.path.splitext(path)[0] + ".png")
+    print(f"\nwrote {path} and {png}")
     return results
 
 

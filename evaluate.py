@@ -242,7 +242,7 @@ def run(args: Args):
                 name,
                 scored[name],
                 scored[args.policies[0]],
-                [p for p, _ in prompts] if args.prompts == world.PROMPTS_EVAL else None,
+                [p for p, _ in prompts] if world.is_grammar_world(args.prompts) else None,
             )
         )
         print(

@@ -61,16 +61,20 @@ class BradleyTerry(gvm.Objective):
 
 
 def train_reward_model(out, device="auto", **flags):
-    """Stage A: a Bradley-Terry reward model trained into `out` by gvm.py's loop, with stage A's defaults
-    (RewardFlags' --rm-epochs, --rm-lr, --rm-batch-size, the last checkpoint) where `flags` (gvm.Args fields)
-    are silent."""
+    """Stage A: a Bradley-Terry reward model trained into `out` by gvm.py's loop (reward_model_args)."""
+    return gvm.train(reward_model_args(out, device, **flags), BradleyTerry())
+
+
+def reward_model_args(out, device="auto", **flags):
+    """gvm.py's flags for stage A: its defaults (RewardFlags' --rm-epochs, --rm-lr, --rm-batch-size, the last
+    checkpoint) where `flags` (gvm.Args fields) are silent."""
     defaults = {
         "epochs": RewardFlags.rm_epochs,
         "lr": RewardFlags.rm_lr,
         "batch_size": RewardFlags.rm_batch_size,
         "select": "last",
     }
-    return gvm.train(gvm.Args(out=out, device=device, **{**defaults, **flags}), BradleyTerry())
+    return gvm.Args(out=out, device=device, **{**defaults, **flags})
 
 
 def reward_model_path(args):

@@ -9,7 +9,6 @@ summary with the same flags is reused, so an interrupted sweep continues where i
     python experiments/gvm_sweep.py --variants e3 --seeds 0 --steps 2 --eval-n 20 --no-ppo   # a smoke run
 """
 
-import json
 import os
 import shlex
 import statistics
@@ -86,18 +85,6 @@ def split(text, flag):
         return shlex.split(text)
     except ValueError as e:
         raise UsageError(f"{flag} {text}: {e}") from None
-
-
-def fresh_or_reused(script, args_cls, flags, out):
-    """Run `script flags --out out` unless `out` already holds a finished run with the same flags."""
-    planned = asdict(cli.parse_args(args_cls, [*flags, "--out", out]))
-    done = os.path.join(out, "summary.json")
-    if os.path.isfile(done) and {k: json.load(open(done))["args"].get(k) for k in planned} == planned:
-        print(f"gvm_sweep: reusing {out}", flush=True)
-    else:
-        print(f"gvm_sweep: {script} {' '.join(flags)} -> {out}", flush=True)
-        compare.run(script, [*flags, "--out", out], out + ".log")
-    return json.load(open(done))
 
 
 def rl_flags(args):
@@ -220,7 +207,7 @@ def sweep(args: Args):
         res["variants"][name] = []
         for seed in seeds:
             g_out = os.path.join(args.root, f"gvm-{name}-s{seed}")
-            g = fresh_or_reused(
+            g = compare.fresh_or_reused(
                 "gvm.py",
                 gvm.Args,
                 [
@@ -232,12 +219,14 @@ def sweep(args: Args):
                     args.device,
                 ],
                 g_out,
+                who="gvm_sweep",
             )
-            d = fresh_or_reused(
+            d = compare.fresh_or_reused(
                 "dvpo.py",
                 dvpo.Args,
                 [*rl_flags(args), "--gvm", g_out, "--seed", seed],
                 os.path.join(args.root, f"dvpo-{name}-s{seed}"),
+                who="gvm_sweep",
             )
             res["variants"][name].append(
                 {
@@ -253,11 +242,12 @@ def sweep(args: Args):
             reward.train_reward_model(rm, args.device)
         res["ppo"] = []
         for seed in seeds:
-            p = fresh_or_reused(
+            p = compare.fresh_or_reused(
                 "ppo_baseline.py",
                 ppo_baseline.Args,
                 [*rl_flags(args), "--rm", rm, "--seed", seed],
                 os.path.join(args.root, f"ppo-s{seed}"),
+                who="gvm_sweep",
             )
             res["ppo"].append(
                 {"seed": int(seed), "gold": p["eval/gold"], "gold_ci95": p["eval/gold_ci95"], "kl": p["eval/kl"]}

@@ -57,6 +57,16 @@ def is_world_data(path):
     return os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), MARKER))
 
 
+def is_grammar_world(path):
+    """True for a file in the data folder of a world this module's grammar wrote (the embedded world or one
+    like it, not a world around a real model): its reviews can be checked against the grammar."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), MARKER)) as f:
+            return "model" not in json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 @dataclass
 class WorldConfig:
     seed: int = arg(

@@ -10,7 +10,7 @@ import pytest
 import compare
 import reward
 from helpers import ENV, REPO
-from infra import lora, models
+from infra import lora, memory, models
 
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import gvm_sweep  # noqa: E402
@@ -154,7 +154,7 @@ def test_gvm_sweep_runs_each_variant_and_reuses_finished_runs(tiny_world, tmp_pa
 
 
 def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys):
-    res = compare.analytic_memory(compare.Args(analytic=str(families / "qwen2"), batch_size=2))
+    res = memory.analytic_memory(compare.Args(analytic=str(families / "qwen2"), batch_size=2))
     model, _ = models.load_pretrained(str(families / "qwen2"))
     n = sum(p.numel() for p in model.parameters())
     assert res["params"] == n and res["value_model_params"] == n + model.config.hidden_size + 1  # tied LM head
@@ -163,7 +163,7 @@ def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys)
     layer, layers = sum(p.numel() for p in model.model.layers[0].parameters()), len(model.model.layers)
     adapters = lora.add_lora(model, 8, 16.0, 0.0)
     assert res["adapters"] == sum(p.numel() for p in adapters.parameters() if p.requires_grad)  # LoRA r=8 rows
-    gpus = compare.analytic_memory(compare.Args(analytic=str(families / "qwen2"), batch_size=2, gpus="1,4"))["gpus"]
+    gpus = memory.analytic_memory(compare.Args(analytic=str(families / "qwen2"), batch_size=2, gpus="1,4"))["gpus"]
     one = res["full, bf16 frozen"]
     for m, trained in (("dvpo", n), ("ppo", 2 * n + model.config.hidden_size + 1)):
         assert gpus[1][f"ddp {m}"] * 2**30 == pytest.approx(one[m] + one["activations"])  # one GPU: one GPU's table
@@ -195,3 +195,111 @@ def test_compare_runs_on_an_existing_world(tiny_world, tmp_path, capsys):
     assert files_digest(tiny_world) == before and not (tmp_path / "bench" / "sft").exists()
     err = one_line_error(capsys, lambda: compare.main(["--world", str(tmp_path), "--root", str(tmp_path / "b2")]))
     assert err == f"error: --world {tmp_path}: no data/world.json, so not a world (python -m infra.world)"
+
+
+def test_dpo_betas_span_the_targets_by_hand():
+    # pilots KL 16 at beta 0.1 and 4 at beta 0.4: KL = 1.6 / beta (p = 1), so KL 8 at beta 0.2 and 2 at 0.8
+    assert compare.dpo_betas([(0.1, 16.0), (0.4, 4.0)], [8.0, 2.0]) == [0.2, 0.8]
+    # KL 16 at 0.1 and 1 at 0.4: p = 2, KL = 0.16 / beta^2, so KL 4 at beta 0.2
+    assert compare.dpo_betas([(0.1, 16.0), (0.4, 1.0)], [4.0]) == [0.2]
+    assert compare.dpo_betas([(0.1, 6.0)], [3.0, 12.0]) == [0.2, 0.05]  # one pilot: p = 1
+    # pilots that barely differ would give p near 0 and send beta to 1e-30: p is held at 0.5 or more, beta
+    # within 32x of the first pilot's
+    assert compare.dpo_betas([(0.1, 6.0), (0.4, 5.99)], [12.0, 1e-4]) == [pytest.approx(0.1 * 0.5**2), 3.2]
+
+
+def test_frontier_runs_every_method_at_every_budget_and_reuses_finished_runs(tiny_world, tmp_path, capsys):
+    """--frontier on a tiny budget: each online method at both targets (its adaptive beta starting at 0.3 /
+    target), DPO at its two pilots and the two betas they choose, every run evaluated on the same held-out
+    prompts; the JSON, the tables and the PNG; run again, every run and evaluation is reused."""
+    argv = ["--frontier", "--world", str(tiny_world), "--root", str(tmp_path / "fr"), "--targets", "2,8"]
+    argv += ["--seeds", "0", "--steps", "2", "--eval-n", "8", "--batch-size", "4", "--minibatch-size", "2"]
+    argv += ["--group-size", "2", "--value-epochs", "1", "--dpo-epochs", "1"]
+    res = compare.main(argv)
+    out = capsys.readouterr().out
+    by = {}
+    for r in res["records"]:
+        by.setdefault(r["method"], set()).add(r["budget"])
+    assert set(by) == {"dvpo", "ppo", "grpo", "remax", "dpo"} and all(len(b) >= 2 for b in by.values())
+    assert by["dvpo"] == {"KL 2", "KL 8"} and len(by["dpo"]) >= 3  # two pilots and the betas they chose
+    for r in res["records"]:
+        run_args = json.loads((tmp_path / "fr" / "runs" / os.path.basename(r["run"]) / "summary.json").read_text())[
+            "args"
+        ]
+        if r["method"] == "dpo":
+            assert run_args["beta"] == r["beta"]
+        else:
+            assert (run_args["adaptive_kl"], run_args["target_kl"]) == (True, r["target"])
+            assert run_args["kl_coef"] == pytest.approx(0.3 / r["target"], rel=1e-3)
+        ev = json.loads((tmp_path / "fr" / "runs" / (os.path.basename(r["run"]) + ".eval.json")).read_text())
+        assert ev["args"]["n_prompts"] == 8 and ev["args"]["ref"] == str(tiny_world / "sft")
+        assert ev["results"][0]["gold"] == r["gold"] and r["grammatical"] is not None and r["step_seconds"] > 0
+        assert len(r["curve"]) >= 2 and r["peak_bytes"] > r["states_bytes"] > 0
+    pilots = [r for r in res["records"] if r["method"] == "dpo"][:2]
+    chosen = compare.dpo_betas([(p["beta"], max(p["kl"], 1e-3)) for p in pilots], [2.0, 8.0])
+    assert {r["beta"] for r in res["records"] if r["method"] == "dpo"} == {0.1, 0.4, *chosen}
+    assert res["sft"]["kl"] == 0.0 and "| DVPO: budget |" in out and "| DPO: budget |" in out
+    png = tmp_path / "fr" / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "fr" / "frontier.json").is_file()
+    stamp = {p: p.stat().st_mtime for p in (tmp_path / "fr" / "runs").iterdir()}
+    again = compare.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("reusing") == len(res["records"]) + 2 and " -> " not in out  # the runs, the GVM and the RM
+    assert {p: p.stat().st_mtime for p in (tmp_path / "fr" / "runs").iterdir()} == stamp
+    assert [r["gold"] for r in again["records"]] == [r["gold"] for r in res["records"]]
+
+
+def test_learning_curves_plot_a_hand_written_metrics_file(tmp_path, monkeypatch, capsys):
+    from helpers import one_line_error
+    from infra import plots
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": 0, "eval/gold": 0.1, "eval/kl": 0.0, "time/elapsed": 1.0},
+        {"step": 1, "loss/policy": 0.5, "time/update": 0.2},  # a training step: not an evaluation
+        {"step": 5, "eval/gold": 0.4, "eval/kl": 2.5, "time/elapsed": 9.0},
+        {"step": 10, "eval/gold": 0.7, "eval/kl": 4.0, "time/elapsed": 20.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = {}
+    real_save = plots.save
+
+    def spy(fig, path):
+        drawn["axes"] = [[line.get_xydata().tolist() for line in ax.lines] for ax in fig.axes]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "save", spy)
+    plots.main([str(run), "--out", str(tmp_path / "c.png"), "--labels", "mine"])
+    gold_step, gold_time, kl_step, kl_time = drawn["axes"]
+    assert gold_step == [[[0, 0.1], [5, 0.4], [10, 0.7]]] and gold_time == [[[1.0, 0.1], [9.0, 0.4], [20.0, 0.7]]]
+    assert kl_step == [[[0, 0.0], [5, 2.5], [10, 4.0]]] and kl_time == [[[1.0, 0.0], [9.0, 2.5], [20.0, 4.0]]]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "wrote" in capsys.readouterr().out
+    (tmp_path / "notes.png").write_text("my notes")
+    err = one_line_error(capsys, lambda: plots.main([str(run), "--out", str(tmp_path / "notes.png")]))
+    assert "exists and is not a PNG" in err and (tmp_path / "notes.png").read_text() == "my notes"
+    err = one_line_error(capsys, lambda: plots.main([str(tmp_path), "--out", str(tmp_path / "d.png")]))
+    assert err == f"error: {tmp_path}: no metrics.jsonl, so not a finished or running training run"
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_the_frontier_differences_and_interpolation_by_hand():
+    run = lambda gold, ci=0.0, kl=0.0, budget="KL 6", method="ppo": {  # noqa: E731
+        "gold": gold,
+        "gold_ci95": ci,
+        "kl": kl,
+        "budget": budget,
+        "method": method,
+    }
+    # two seeds each: means 0.7 and 0.5, variances 0.02 and 0.005 over 2 runs, Welch df = 1.47 -> t(1) = 12.71
+    d, ci = compare.welch([run(0.8), run(0.6)], [run(0.55), run(0.45)])
+    assert d == pytest.approx(0.2) and ci == pytest.approx(12.71 * (0.02 / 2 + 0.005 / 2) ** 0.5)
+    d, ci = compare.welch([run(0.8, 0.03)], [run(0.5, 0.04)])  # one seed: the evaluations' intervals combined
+    assert (d, ci) == (pytest.approx(0.3), pytest.approx(0.05))
+    # a frontier through (KL 2, 0.4) and (KL 6, 0.8), seeds averaged, read at KL 3 and outside its range
+    recs = [run(0.3, kl=1.0, budget="b1"), run(0.5, kl=3.0, budget="b1"), run(0.8, kl=6.0, budget="b2")]
+    assert compare.frontier_at(recs, "ppo", 3.0) == pytest.approx(0.5)
+    assert compare.frontier_at(recs, "ppo", 7.0) is None and compare.frontier_at(recs, "dpo", 3.0) is None
+    # from the SFT policy at (KL 0, gold 0.1) to the first budget's mean (KL 2, gold 0.4): at KL 1, 0.25
+    assert compare.frontier_at(recs, "ppo", 1.0) is None
+    assert compare.frontier_at(recs, "ppo", 1.0, (0.0, 0.1)) == pytest.approx(0.25)
