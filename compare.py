@@ -767,6 +767,15 @@ def run_frontier(args, methods, seeds, extra):
         raise UsageError(f"--plot {png}: name a .png file")
     if os.path.lexists(png) and not plots.is_png(png):
         raise UsageError(f"--plot {png}: exists and is not a PNG; name a new file")
+    world_root = args.world or world.ROOT
+    for flag, out in (("--json", path), ("--plot", png)):  # the world's files are inputs of every run
+        for name in ("sft", "data"):
+            folder, inputs = (
+                os.path.realpath(os.path.dirname(os.path.abspath(out))),
+                os.path.realpath(os.path.join(world_root, name)),
+            )
+            if folder == inputs or checkpoint.within(folder, inputs):
+                raise UsageError(f"{flag} {out}: inside the world's {name}/, an input; name a file elsewhere")
     device = cli.pick_device(args.device)
     t0 = time.time()
     if args.world:

@@ -186,8 +186,9 @@ def curves_main(args: Args):
         raise UsageError(f"--out {args.out}: is a folder; name a .png file")
     if os.path.lexists(args.out) and not is_png(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a PNG; name a new file")
-    for run in args.runs:
-        if os.path.realpath(os.path.dirname(os.path.abspath(args.out))).startswith(os.path.realpath(run) + os.sep):
+    for run in args.runs:  # a run folder is an input: a save there would be replaced by the run's next one
+        folder, inputs = os.path.realpath(os.path.dirname(os.path.abspath(args.out))), os.path.realpath(run)
+        if folder == inputs or checkpoint.within(folder, inputs):
             raise UsageError(f"--out {args.out}: inside the run {run}, an input; name a file outside it")
     checkpoint.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", args.out)
     path = learning_curves(args.runs, args.out, labels)

@@ -212,6 +212,8 @@ def test_frontier_runs_every_method_at_every_budget_and_reuses_finished_runs(tin
     """--frontier on a tiny budget: each online method at both targets (its adaptive beta starting at 0.3 /
     target), DPO at its two pilots and the two betas they choose, every run evaluated on the same held-out
     prompts; the JSON, the tables and the PNG; run again, every run and evaluation is reused."""
+    from helpers import files_digest, one_line_error
+
     argv = ["--frontier", "--world", str(tiny_world), "--root", str(tmp_path / "fr"), "--targets", "2,8"]
     argv += ["--seeds", "0", "--steps", "2", "--eval-n", "8", "--batch-size", "4", "--minibatch-size", "2"]
     argv += ["--group-size", "2", "--value-epochs", "1", "--dpo-epochs", "1"]
@@ -247,6 +249,12 @@ def test_frontier_runs_every_method_at_every_budget_and_reuses_finished_runs(tin
     assert out.count("reusing") == len(res["records"]) + 2 and " -> " not in out  # the runs, the GVM and the RM
     assert {p: p.stat().st_mtime for p in (tmp_path / "fr" / "runs").iterdir()} == stamp
     assert [r["gold"] for r in again["records"]] == [r["gold"] for r in res["records"]]
+    before = files_digest(tiny_world)
+    err = one_line_error(capsys, lambda: compare.main([*argv, "--plot", str(tiny_world / "sft" / "f.png")]))
+    assert (
+        err == f"error: --plot {tiny_world / 'sft' / 'f.png'}: inside the world's sft/, an input; name a file elsewhere"
+    )
+    assert files_digest(tiny_world) == before
 
 
 def test_learning_curves_plot_a_hand_written_metrics_file(tmp_path, monkeypatch, capsys):
@@ -278,8 +286,12 @@ def test_learning_curves_plot_a_hand_written_metrics_file(tmp_path, monkeypatch,
     (tmp_path / "notes.png").write_text("my notes")
     err = one_line_error(capsys, lambda: plots.main([str(run), "--out", str(tmp_path / "notes.png")]))
     assert "exists and is not a PNG" in err and (tmp_path / "notes.png").read_text() == "my notes"
-    err = one_line_error(capsys, lambda: plots.main([str(tmp_path), "--out", str(tmp_path / "d.png")]))
-    assert err == f"error: {tmp_path}: no metrics.jsonl, so not a finished or running training run"
+    err = one_line_error(capsys, lambda: plots.main([str(run), "--out", str(run / "c.png")]))
+    assert err == f"error: --out {run / 'c.png'}: inside the run {run}, an input; name a file outside it"
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"]
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(capsys, lambda: plots.main([str(tmp_path / "empty"), "--out", str(tmp_path / "d.png")]))
+    assert err == f"error: {tmp_path / 'empty'}: no metrics.jsonl, so not a finished or running training run"
     assert not (tmp_path / "d.png").exists()
 
 
