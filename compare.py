@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 
 import infra.sigint  # noqa: F401  (first: a Ctrl-C while torch loads is one line, exit 130)
 
+import evaluate
 import gvm
 import reward
 from infra import checkpoint, cli, memory, plots, world
@@ -508,9 +509,9 @@ def dpo_betas(pilots, targets):
     return [float(f"{min(32 * b0, max(b0 / 32, b0 * (k0 / t) ** (1 / p))):.3g}") for t in targets]
 
 
-def numbers(text, flag, kind=float):
+def numbers(text, flag):
     try:
-        xs = [kind(x) for x in text.split(",") if x.strip()]
+        xs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         xs = []
     if not xs or any(x <= 0 for x in xs):
@@ -533,8 +534,6 @@ def fresh_or_reused(script, args_cls, flags, out, who="compare"):
 def evaluated(policy, paths, args, device, out):
     """One evaluate.py call on the held-out prompts (KL against the SFT policy), reused when `out` holds one with
     the same flags written after the policy's run finished."""
-    import evaluate
-
     flags = [policy, "--ref", paths["sft"], "--prompts", paths["prompts_eval"], "--n-prompts", str(args.eval_n)]
     planned = asdict(cli.parse_args(evaluate.Args, [*flags, "--show-values", "0", "--device", str(device)]))
     summary = os.path.join(policy, "summary.json")
