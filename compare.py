@@ -554,9 +554,9 @@ def frontier_runs(args, paths, device, extra, n_pairs, methods, targets, seeds):
         out = os.path.join(runs_dir, f"{method}-{'b' if method == 'dpo' else 'kl'}{value:g}-s{seed}")
         script = METHODS[method][0]
         flags = [*method_flags(a, method, paths, device, extra, n_pairs), *more, "--seed", str(seed)]
-        summary = fresh_or_reused(script, importlib.import_module(script[:-3]).Args, flags, out)
+        fresh_or_reused(script, importlib.import_module(script[:-3]).Args, flags, out)
         ev = evaluated(out, paths, args, device, out + ".eval.json")
-        steps, evals, _ = read_run(out)
+        steps, evals, summary = read_run(out)
         s = summarize(method, [(steps, evals, summary)], device.type == "cuda")
         rec = {
             "method": method,
@@ -762,10 +762,7 @@ def run_frontier(args, methods, seeds, extra):
     png = args.plot or os.path.splitext(path)[0] + ".png"
     checkpoint.check_writable(args.root, "--root")
     checkpoint.check_output_file(path, "--json")
-    if not png.lower().endswith(".png"):
-        raise UsageError(f"--plot {png}: name a .png file")
-    if os.path.lexists(png) and not plots.is_png(png):
-        raise UsageError(f"--plot {png}: exists and is not a PNG; name a new file")
+    plots.check_png(png, "--plot")
     world_root = args.world or world.ROOT
     for flag, out in (("--json", path), ("--plot", png)):  # the world's files are inputs of every run
         for name in ("sft", "data"):

@@ -37,6 +37,7 @@ def color(method, i=0):
 def save(fig, path):
     """Write the figure through a temporary file in the same folder, so that an interrupted write leaves no
     half-written PNG."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.png"
     try:
         fig.savefig(tmp, dpi=120)
@@ -46,6 +47,17 @@ def save(fig, path):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def check_png(path, flag):
+    """Before any work: path can take a figure, a .png that is new or one a figure was written to before."""
+    if not path.lower().endswith(".png"):
+        raise UsageError(f"{flag} {path}: name a .png file")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; name a .png file")
+    if os.path.lexists(path) and not is_png(path):
+        raise UsageError(f"{flag} {path}: exists and is not a PNG; name a new file")
+    checkpoint.check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
 
 
 def is_png(path):
@@ -180,17 +192,11 @@ def curves_main(args: Args):
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels and len(labels) != len(args.runs):
         raise UsageError(f"--labels {args.labels}: {len(labels)} labels for {len(args.runs)} runs")
-    if not args.out.lower().endswith(".png"):
-        raise UsageError(f"--out {args.out}: name a .png file")
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: is a folder; name a .png file")
-    if os.path.lexists(args.out) and not is_png(args.out):
-        raise UsageError(f"--out {args.out}: exists and is not a PNG; name a new file")
+    check_png(args.out, "--out")
     for run in args.runs:  # a run folder is an input: a save there would be replaced by the run's next one
         folder, inputs = os.path.realpath(os.path.dirname(os.path.abspath(args.out))), os.path.realpath(run)
         if folder == inputs or checkpoint.within(folder, inputs):
             raise UsageError(f"--out {args.out}: inside the run {run}, an input; name a file outside it")
-    checkpoint.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", args.out)
     path = learning_curves(args.runs, args.out, labels)
     print(f"wrote {path}")
     return path
