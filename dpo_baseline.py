@@ -93,7 +93,7 @@ def dpo_step(policy, ref, tok, opt, prec, samples, args):
             "rewards/margin": (chosen - rejected).mean(),
         }.items():
             stats[k] = stats.get(k, 0.0) + float(v) * share
-    norm = prec.step(opt, [p for p in policy.parameters() if p.requires_grad], args.max_grad_norm)
+    norm = prec.step(opt, args.max_grad_norm)
     return {**stats, "policy/grad_norm": float(norm), **prec.loss_scale("policy")}
 
 

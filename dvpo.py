@@ -160,7 +160,7 @@ def ppo_epochs(policy, opt, prec, r, old_logp, adv, plans, args):
                     s = {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * x.response_mask).sum() / n}
                 prec.backward(loss)
                 rollout.accumulate(total, s)
-            grad_norm = prec.step(opt, policy.parameters(), args.max_grad_norm)
+            grad_norm = prec.step(opt, args.max_grad_norm)
             stats.append(
                 {
                     **{k: float(v) for k, v in total.items()},
@@ -175,14 +175,22 @@ def ppo_epochs(policy, opt, prec, r, old_logp, adv, plans, args):
     return distributed.mean_over_ranks(out, maxima=("val/ratio_max_dev", "val/ratio_first_max_dev"))
 
 
-def load_gvm(args, tok, device, dtype):
-    """The GVM in --dtype, checked to share the policy's tokenizer and chat template, frozen for real (§3)."""
+def load_gvm(args, tok, device, dtype, policy):
+    """The GVM in --dtype, checked to share the policy's tokenizer and chat template, frozen for real (§3). Under
+    --lora-r, a GVM that gvm.py --lora-r trained on the policy's base weights is a frozen adapter on the policy's
+    own base (one copy of the base for policy, reference and GVM, §7); any other GVM is a second copy."""
     if not os.path.isdir(args.gvm):
         what = "a file, not a folder" if os.path.isfile(args.gvm) else "no such folder"
         raise UsageError(f"--gvm {args.gvm}: {what} (train one: python gvm.py --out FOLDER)")
     gvm.check_tokenizer(gvm.read_meta(args.gvm), tok, f"--gvm {args.gvm}", args.policy, "python gvm.py --model")
-    value_model, _, _ = gvm.load_value_model(args.gvm, device, dtype=dtype)
-    return value_model.requires_grad_(False).eval()
+    value_model, why = None, "--no-share-base"
+    if args.lora_r and args.share_base:
+        value_model, why = gvm.shared_value_model(args.gvm, policy, "gvm")
+    if value_model is None:
+        value_model, _, _ = gvm.load_value_model(args.gvm, device, dtype=dtype)
+        if args.lora_r:
+            print(f"dvpo: the GVM is a second copy of the base weights: {why}", flush=True)
+    return value_model.to(device).requires_grad_(False).eval()
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -194,8 +202,8 @@ def train(args: Args):
     prec = precision.Precision(args.dtype, device)
     cli.seed_everything(args.seed)
     tok, prompts, eval_prompts = data.load_rl_prompts(args)
-    value_model = load_gvm(args, tok, device, prec.dtype)  # the critic: frozen, in no optimizer (§3)
     policy, ref = models.load_policy_and_reference(args, tok, device, prec)
+    value_model = load_gvm(args, tok, device, prec.dtype, policy)  # the critic: frozen, in no optimizer (§3)
     trained = distributed.wrap(policy, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
     if args.shard_frozen:
         distributed.shard_frozen(ref, value_model)

@@ -147,7 +147,7 @@ def ppo_epochs(policy, opt, prec, r, old_logp, ref_logp, adv, plans, args, beta)
                     loss = loss + beta * kl_loss
                 prec.backward(loss)
                 rollout.accumulate(total, s)
-            grad_norm = prec.step(opt, policy.parameters(), args.max_grad_norm)
+            grad_norm = prec.step(opt, args.max_grad_norm)
             stats.append(
                 {
                     **{k: float(v) for k, v in total.items()},
@@ -170,8 +170,9 @@ def train(args: Args):
     prec = precision.Precision(args.dtype, device)
     cli.seed_everything(args.seed)
     tok, prompts, eval_prompts = data.load_rl_prompts(args)
-    reward_model = reward.load_reward_model(reward.reward_model_path(args), args, tok, device, prec.dtype)
+    rm_path = reward.reward_model_path(args)  # stage A first, unless --rm names a reward model
     policy, ref = models.load_policy_and_reference(args, tok, device, prec)
+    reward_model = reward.load_reward_model(rm_path, args, tok, device, prec.dtype, policy)
     trained = distributed.wrap(policy, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
     if args.shard_frozen:
         distributed.shard_frozen(ref, reward_model)

@@ -179,6 +179,28 @@ def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch
     return model.to(device), tok, meta
 
 
+def shared_value_model(folder, policy, name, kind="gvm", flag="--gvm", trainable=False):
+    """The value model in folder as adapter `name` on the LoRA policy's own base, so that one copy of the base
+    weights serves both (docs/DVPO.md §7): a ValueModel of lora.Adapter(policy, name) and the saved head, in the
+    base's dtype (trainable: the adapter trains and the head is an fp32 copy). (None, why) when folder's model was
+    not trained with --lora-r on the same base weights; load_value_model then loads it as a second copy."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(folder, kind, flag)
+    if "lora_base" not in meta:
+        return None, "it was trained in full, not with --lora-r"
+    if meta["lora_base"] != lora.base_fingerprint(policy):
+        return None, f"its base weights ({meta['base_model']}, --dtype {meta.get('base_dtype')}) are not the policy's"
+    lora.load_adapter(policy, name, os.path.join(folder, lora.ADAPTER_DIR), trainable)
+    dtype = torch.float32 if trainable else policy.get_base_model().dtype
+    head = nn.Linear(policy.config.hidden_size, 1, dtype=dtype)
+    try:
+        head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
+    except Exception as e:  # missing, truncated or of another shape
+        raise UsageError(f"{flag} {folder}/{HEAD_FILE}: damaged or missing ({type(e).__name__})") from None
+    return ValueModel(lora.Adapter(policy, name), head.requires_grad_(trainable)), None
+
+
 def check_tokenizer(meta, tok, where, policy, hint):
     """Refuse a value model whose tokenizer (vocabulary, special tokens, chat template) is not the policy's."""
     if meta.get("tokenizer_fingerprint") != models.tokenizer_fingerprint(tok):
@@ -443,7 +465,7 @@ def train_step(model, samples, objective, opt, prec, pad_id, device, micro_batch
         prec.backward(loss * f)
         for k, v in m.items():
             stats[k] = stats.get(k, 0.0) + v * f
-    return distributed.mean_over_ranks(stats), prec.step(opt, model.parameters(), 1.0)
+    return distributed.mean_over_ranks(stats), prec.step(opt, 1.0)
 
 
 def train(args: Args, objective=None):
@@ -517,6 +539,8 @@ def train(args: Args, objective=None):
 
     t0 = time.time()
     meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
+    if args.lora_r:  # which base weights the adapter was trained on: a policy with the same runs it on its own
+        meta.update(lora_base=lora.base_fingerprint(backbone), base_dtype=args.dtype)
 
     def shown(metrics):
         return " | ".join(

@@ -145,7 +145,7 @@ def ppo_epochs(policy, opt, prec, critic, critic_opt, critic_prec, r, old_logp, 
                     s = {**s, "loss/policy": loss, "policy/entropy": (entropy.detach() * x.response_mask).sum() / n}
                 prec.backward(loss)
                 rollout.accumulate(total, s)
-            grad_norm = prec.step(opt, policy.parameters(), args.max_grad_norm)
+            grad_norm = prec.step(opt, args.max_grad_norm)
             stats.append(
                 {
                     **{k: float(v) for k, v in total.items()},
@@ -160,19 +160,22 @@ def ppo_epochs(policy, opt, prec, critic, critic_opt, critic_prec, r, old_logp, 
             total = {}
             for micro in rollout.micro_batches(len(idx), args.micro_batch_size):
                 x, rows = mb.index(micro), idx[micro]
-                with critic_prec.autocast():
-                    vpred = critic(x.input_ids, x.attention_mask)[:, x.prompt_len - 1 : -1]
-                    loss, clipfrac = clipped_value_loss(
-                        vpred, old_values[rows], returns[rows], x.response_mask, args.cliprange_value, n
-                    )
-                    s = {
-                        "loss/value": loss,
-                        "val/clipfrac": clipfrac,
-                        "val/vpred": (vpred.detach() * x.response_mask).sum() / n,
-                    }
-                critic_prec.backward(args.vf_coef * loss)
+                # on a shared base the critic's adapter stays active through its backward (gradient checkpointing
+                # recomputes the forward there)
+                with lora.adapter_active(critic):
+                    with critic_prec.autocast():
+                        vpred = critic(x.input_ids, x.attention_mask)[:, x.prompt_len - 1 : -1]
+                        loss, clipfrac = clipped_value_loss(
+                            vpred, old_values[rows], returns[rows], x.response_mask, args.cliprange_value, n
+                        )
+                        s = {
+                            "loss/value": loss,
+                            "val/clipfrac": clipfrac,
+                            "val/vpred": (vpred.detach() * x.response_mask).sum() / n,
+                        }
+                    critic_prec.backward(args.vf_coef * loss)
                 rollout.accumulate(total, s)
-            critic_prec.step(critic_opt, critic.parameters(), args.max_grad_norm)
+            critic_prec.step(critic_opt, args.max_grad_norm)
             stats[-1].update({**{k: float(v) for k, v in total.items()}, **critic_prec.loss_scale("val")})
     for s, top in zip(stats, distributed.max_over_ranks([s["val/ratio_max_dev"] for s in stats])):
         s["val/ratio_max_dev"] = top  # each minibatch's largest |ratio - 1| over all ranks' rows
@@ -181,19 +184,31 @@ def ppo_epochs(policy, opt, prec, critic, critic_opt, critic_prec, r, old_logp, 
     return distributed.mean_over_ranks(out, maxima=("val/ratio_max_dev", "val/ratio_first_max_dev"))
 
 
-def load_reward_model_and_critic(path, args, tok, device, prec):
+def load_reward_model_and_critic(path, args, tok, device, prec, policy):
     """(frozen reward model, critic initialised from it). Full fine-tuning: two copies, the reward model in
     --dtype and the critic in fp32, trained. --lora-r: one copy of the reward model's backbone in --dtype with
     the critic's adapters on it and a trained fp32 copy of the head; the reward model is that backbone with
-    its adapters off and the original head. --freeze-critic: the reward model is the critic."""
-    rm = reward.load_reward_model(path, args, tok, device, prec.dtype)
+    its adapters off and the original head. --lora-r with a reward model that gvm.py --lora-r trained on the
+    policy's base (reward.load_reward_model): both are adapters on the policy's own base, the critic's a trained
+    copy of the reward model's, so one copy of the base serves all four models. --freeze-critic: the reward
+    model is the critic."""
+    one_base = args.freeze_critic or distributed.world() == 1
+    if args.lora_r and args.share_base and not one_base:
+        print("ppo: under torchrun the critic trains in its own DDP, so it and the reward model keep a second base")
+    rm = reward.load_reward_model(path, args, tok, device, prec.dtype, policy if one_base else None)
     if args.freeze_critic:
         return rm, rm
+    if isinstance(rm.backbone, lora.Adapter):
+        return rm, gvm.shared_value_model(path, policy, "critic", "reward-model", "--rm", trainable=True)[0].to(device)
     if not args.lora_r:
-        return rm, reward.load_reward_model(path, args, tok, device, torch.float32).requires_grad_(True)
-    backbone = lora.add_lora(rm.backbone, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    critic = gvm.ValueModel(backbone, head=copy.deepcopy(rm.head).float().requires_grad_(True))
-    return gvm.ValueModel(lora.WithoutAdapters(backbone), head=rm.head), critic
+        critic = reward.load_reward_model(path, args, tok, device, torch.float32).requires_grad_(True)
+    else:
+        backbone = lora.add_lora(rm.backbone, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        critic = gvm.ValueModel(backbone, head=copy.deepcopy(rm.head).float().requires_grad_(True))
+        rm = gvm.ValueModel(lora.WithoutAdapters(backbone), head=rm.head)
+    if args.gradient_checkpointing:
+        models.enable_checkpointing(critic.backbone)
+    return rm, critic
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -204,20 +219,20 @@ def train(args: Args):
     prec = precision.Precision(args.dtype, device)
     cli.seed_everything(args.seed)
     tok, prompts, eval_prompts = data.load_rl_prompts(args)
-    reward_model, critic = load_reward_model_and_critic(reward.reward_model_path(args), args, tok, device, prec)
+    rm_path = reward.reward_model_path(args)  # stage A first, unless --rm names a reward model
+    policy, ref = models.load_policy_and_reference(args, tok, device, prec)
+    trained = distributed.wrap(policy, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
+    # the policy's optimizer before the critic's adapter may join the policy's base: it holds the policy's own
+    opt = precision.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
+    reward_model, critic = load_reward_model_and_critic(rm_path, args, tok, device, prec, policy)
     critic_opt = critic_prec = None  # --freeze-critic: the critic is the reward model, and nothing of it trains
     if critic is not reward_model:  # the critic trains in fp32 with its own optimizer and loss scale
         critic.train()
-        if args.gradient_checkpointing:
-            models.enable_checkpointing(critic.backbone)
         trained_critic = distributed.wrap(critic, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
         critic_opt = precision.make_optimizer(critic.parameters(), args.critic_lr, args.optim, eps=1e-5)
         critic_prec = precision.Precision(args.dtype, device)
-    policy, ref = models.load_policy_and_reference(args, tok, device, prec)
-    trained = distributed.wrap(policy, args.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer
     if args.shard_frozen:
         distributed.shard_frozen(ref, reward_model, critic)
-    opt = precision.make_optimizer(policy.parameters(), args.lr, args.optim, eps=1e-5)
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     probe = memory.Probe(
         device,

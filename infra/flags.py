@@ -105,6 +105,11 @@ class RLFlags(PolicyFlags):
         "with --fsdp: shard the frozen models too (reference, GVM or reward model), gathered layer by layer in "
         "each forward",
     )
+    share_base: bool = arg(
+        True,
+        "under --lora-r: a GVM or reward model that gvm.py --lora-r trained on the policy's base weights runs as an "
+        "adapter on the policy's own base (PPO's critic too), not as a second copy",
+    )
 
 
 def check_policy_flags(args, method):

@@ -20,10 +20,11 @@ def local(t):
 
 def state_bytes(models=(), optimizers=()):
     """Bytes of parameters, gradients and optimizer state held by these models and optimizers (this rank's
-    shards under FSDP2)."""
+    shards under FSDP2), a parameter two models share counted once."""
     nbytes = lambda t: local(t).numel() * t.element_size()  # noqa: E731
-    params = sum(nbytes(p) for m in models for p in m.parameters())
-    grads = sum(nbytes(p.grad) for m in models for p in m.parameters() if p.grad is not None)
+    unique = {id(p): p for m in models for p in m.parameters()}.values()  # a shared base or adapter once
+    params = sum(nbytes(p) for p in unique)
+    grads = sum(nbytes(p.grad) for p in unique if p.grad is not None)
     opt = sum(nbytes(v) for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v))
     return {"params": params, "grads": grads, "optimizer": opt}
 
@@ -133,30 +134,35 @@ def model_sizes(name):
     return config, n, v, linears, sum(p.numel() for p in layer.parameters())
 
 
-def states_bytes(method, n, v, adapters, head, trained, frozen):
+def states_bytes(method, n, v, adapters, head, trained, frozen, shared=False):
     """§7's model states of DVPO (policy, reference, GVM) or PPO (policy, critic, reference, reward model). Full
     fine-tuning: trained bytes per policy (and critic) parameter, frozen bytes per reference (and GVM or reward
     model) parameter. LoRA: one base per backbone in frozen bytes (the reference shares the policy's, the
-    reward model the critic's) plus trained bytes per adapter (and critic head) parameter."""
+    reward model the critic's) plus trained bytes per adapter (and critic head) parameter. LoRA on one shared
+    base (--share-base): the policy's base alone; the GVM (PPO: the reward model) is a frozen adapter and head
+    on it, PPO's critic a trained one."""
     if adapters is None:
         return trained * n + frozen * (n + v) + (trained * v if method == "ppo" else 0)
-    return frozen * (n + v) + trained * adapters + (trained * (adapters + head) if method == "ppo" else 0)
+    bases = n + adapters + head if shared else n + v  # the value model's adapter and head on it, or its own base
+    return frozen * bases + trained * adapters + (trained * (adapters + head) if method == "ppo" else 0)
 
 
 def analytic_memory(args):
     """§7's memory model for real models' configs (--analytic, comma-separated): model states of DVPO and PPO,
-    full fine-tuning and LoRA (--lora-r), frozen models in fp32 or bf16, AdamW (16 B per trained parameter: fp32
-    weight, gradient, two moments) or 8-bit AdamW (10 B); the largest activations for --batch-size
-    prompts of --prompt-len tokens and responses of --response-len (generation's KV cache; the update's logits
-    of a --micro-batch-size with --logprob-chunk, and the layer inputs gradient checkpointing keeps); and
-    which cards of 24, 40 and 80 GiB the total fits."""
+    full fine-tuning and LoRA (--lora-r; two base copies, or one shared by every model), frozen models in fp32 or
+    bf16, AdamW (16 B per trained parameter: fp32 weight, gradient, two moments) or 8-bit AdamW (10 B); the
+    largest activations for --batch-size prompts of --prompt-len tokens and responses of --response-len
+    (generation's KV cache; the update's logits of a --micro-batch-size with --logprob-chunk, and the layer inputs
+    gradient checkpointing keeps); and which cards of 24, 40 and 80 GiB the total fits."""
     gib = lambda x: x / 2**30  # noqa: E731
     setups = [
-        ("full, fp32", None, 16, 4),
-        ("full, bf16 frozen", None, 16, 2),
-        ("full, bf16 frozen, 8-bit AdamW", None, 10, 2),
-        (f"LoRA r={args.lora_r}, bf16 frozen", args.lora_r, 16, 2),
-        (f"LoRA r={args.lora_r}, bf16 frozen, 8-bit AdamW", args.lora_r, 10, 2),
+        ("full, fp32", None, 16, 4, False),
+        ("full, bf16 frozen", None, 16, 2, False),
+        ("full, bf16 frozen, 8-bit AdamW", None, 10, 2, False),
+        (f"LoRA r={args.lora_r}, bf16 frozen", args.lora_r, 16, 2, False),
+        (f"LoRA r={args.lora_r}, bf16 frozen, 8-bit AdamW", args.lora_r, 10, 2, False),
+        (f"LoRA r={args.lora_r}, bf16 frozen, one shared base", args.lora_r, 16, 2, True),
+        (f"LoRA r={args.lora_r}, bf16 frozen, one shared base, 8-bit AdamW", args.lora_r, 10, 2, True),
     ]
     lines, out = [], {}
     for name in [x.strip() for x in args.analytic.split(",") if x.strip()]:
@@ -174,7 +180,7 @@ def analytic_memory(args):
             "cards DVPO fits | cards PPO fits |",
             "| --- " * 9 + "|",
         ]
-        for setup, r, trained, frozen in setups:
+        for setup, r, trained, frozen, shared in setups:
             half = 4 if frozen == 4 else 2  # activations in the frozen models' dtype
             kv_cache = half * args.batch_size * tokens * kv
             update = (
@@ -184,7 +190,7 @@ def analytic_memory(args):
             )
             act = max(kv_cache, update)
             d, p = (
-                states_bytes(m, n, v, adapters if r else None, config.hidden_size + 1, trained, frozen)
+                states_bytes(m, n, v, adapters if r else None, config.hidden_size + 1, trained, frozen, shared)
                 for m in ("dvpo", "ppo")
             )
             fits = lambda b: ", ".join(f"{c}" for c in CARDS_GIB if gib(b + act) <= HEADROOM * c) or "none"  # noqa: E731

@@ -30,10 +30,11 @@ class Precision:
         """{prefix/loss_scale: the fp16 loss scale} for the step's metrics; nothing in fp32 and bf16."""
         return {f"{prefix}/loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
 
-    def step(self, opt, params, max_norm):
-        """Unscale, clip to max_norm, step (skipped by the scaler on inf/NaN gradients); the norm before clipping."""
+    def step(self, opt, max_norm):
+        """Unscale, clip the gradients of the parameters opt steps to max_norm, step (skipped by the scaler on
+        inf/NaN gradients); the norm before clipping. Only opt's own: a shared base holds other models' adapters."""
         self.scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], max_norm)
         self.scaler.step(opt)
         self.scaler.update()
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor of the global norm

@@ -79,3 +79,28 @@ def families(tmp_path_factory):
     for kind in FAMILIES:
         build_tiny_model(kind, str(root / kind))
     return root
+
+
+def lora_value_model(world_root, folder, kind):
+    """A value model (kind gvm or reward-model) trained with --lora-r 4 on the world's SFT backbone: 6 steps at a
+    high rate, enough for its adapter to differ from zero. Its adapter can sit on a LoRA policy's own base."""
+    import reward
+
+    pairs = str(world_root / "data" / "pairs_train.jsonl")
+    flags = dict(model=str(world_root / "sft"), data=pairs, eval_data=pairs, max_steps=6, lr=1e-2, warmup_steps=0)
+    flags.update(lora_r=4, eval_every=6, log_every=6)
+    if kind == "gvm":
+        gvm.train(gvm.Args(out=str(folder), **flags))
+    else:
+        reward.train_reward_model(str(folder), **flags)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_gvm(tiny_world, tmp_path_factory):
+    return lora_value_model(tiny_world, tmp_path_factory.mktemp("tiny_lora_gvm") / "gvm", "gvm")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_rm(tiny_world, tmp_path_factory):
+    return lora_value_model(tiny_world, tmp_path_factory.mktemp("tiny_lora_rm") / "rm", "reward-model")

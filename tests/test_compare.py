@@ -163,6 +163,9 @@ def test_the_analytic_memory_model_counts_a_configs_parameters(families, capsys)
     layer, layers = sum(p.numel() for p in model.model.layers[0].parameters()), len(model.model.layers)
     adapters = lora.add_lora(model, 8, 16.0, 0.0)
     assert res["adapters"] == sum(p.numel() for p in adapters.parameters() if p.requires_grad)  # LoRA r=8 rows
+    a, head, shared = res["adapters"], model.config.hidden_size + 1, res["LoRA r=8, bf16 frozen, one shared base"]
+    assert shared["dvpo"] == 2 * (n + a + head) + 16 * a  # one bf16 base, the GVM's adapter and head on it
+    assert shared["ppo"] == 2 * (n + a + head) + 16 * (2 * a + head)  # the critic's adapter and head trained
     gpus = memory.analytic_memory(compare.Args(analytic=str(families / "qwen2"), batch_size=2, gpus="1,4"))["gpus"]
     one = res["full, bf16 frozen"]
     for m, trained in (("dvpo", n), ("ppo", 2 * n + model.config.hidden_size + 1)):

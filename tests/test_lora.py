@@ -102,7 +102,7 @@ def test_lora_value_models_train_the_head_in_full_and_ppo_holds_one_base_per_bac
     gvm.save_value_model(rm, tok, str(tmp_path / "rm"), {"kind": "reward-model"})
     args = ppo_baseline.Args(policy=str(tiny_world / "sft"), lora_r=4)
     reward_model, critic = ppo_baseline.load_reward_model_and_critic(
-        str(tmp_path / "rm"), args, tok, "cpu", precision.Precision("fp32", "cpu")
+        str(tmp_path / "rm"), args, tok, "cpu", precision.Precision("fp32", "cpu"), policy=None
     )
     assert list(reward_model.backbone.parameters()) == []  # the reward model is the critic's base, adapters off
     assert {n for n, p in critic.named_parameters() if p.requires_grad} == {

@@ -14,11 +14,14 @@ from helpers import files_digest, one_line_error, tiny_dvpo_argv, training_recor
 from infra import checkpoint
 
 
-@pytest.mark.parametrize("script", ["dvpo", "ppo", "dvpo-gpt2", "dvpo-lora", "ppo-lora", "grpo", "remax"])
-def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, families, tmp_path, script):
+@pytest.mark.parametrize(
+    "script", ["dvpo", "ppo", "dvpo-gpt2", "dvpo-lora", "ppo-lora", "dvpo-shared", "ppo-shared", "grpo", "remax"]
+)
+def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, families, tmp_path, script, request):
     """Also restored: the adaptive KL coefficient, fp16 loss scales (ppo: two), and, for a GPT-2 policy, a
-    reference whose added pad token must get the same row in every process."""
-    value_model = str(tiny_gvm)
+    reference whose added pad token must get the same row in every process. -shared: the GVM, or the reward model
+    and the critic, are adapters on the policy's base; every adapter comes back (the critic's trained one too)."""
+    value_model = str(request.getfixturevalue("tiny_lora_gvm") if script == "dvpo-shared" else tiny_gvm)
     if script == "dvpo-gpt2":
         backbone, tok = gvm.load_backbone(str(families / "gpt2"))
         gvm.save_value_model(gvm.ValueModel(backbone), tok, str(tmp_path / "gvm-gpt2"), {"kind": "gvm"})
@@ -40,7 +43,7 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, famili
             "20",
             *extra,
         )
-        argv += ["--lora-r", "4", "--lr", "3e-3"] if script.endswith("lora") else []
+        argv += ["--lora-r", "4", "--lr", "3e-3"] if script.endswith(("lora", "shared")) else []
         if script != "dvpo" and not script.startswith("dvpo-"):
             argv[argv.index("--gvm") : argv.index("--gvm") + 2] = ["--rm", str(rm)]
         if script.startswith("ppo"):
@@ -52,8 +55,8 @@ def test_a_resumed_run_matches_an_uninterrupted_one(tiny_world, tiny_gvm, famili
         else:
             dvpo.main(argv + (["--policy", str(families / "gpt2")] if script == "dvpo-gpt2" else []))
 
-    rm = tmp_path / "rm"
-    if not script.startswith("dvpo"):
+    rm = request.getfixturevalue("tiny_lora_rm") if script == "ppo-shared" else tmp_path / "rm"
+    if not script.startswith("dvpo") and script != "ppo-shared":
         model, tok, _ = gvm.load_value_model(str(tiny_gvm))
         gvm.save_value_model(model, tok, str(rm), {"kind": "reward-model"})
     run(tmp_path / "full", "--steps", "4")

@@ -223,6 +223,23 @@ def test_torchrun_dvpo_saves_once_resumes_and_fsdp_trains_as_ddp(tiny_world, tin
     assert "trained by 2 process(es), not 1" in err
 
 
+def test_torchrun_dvpo_runs_the_gvm_as_an_adapter_on_the_ddp_policys_base(tiny_world, tiny_lora_gvm, tmp_path):
+    """Under DDP the GVM's adapter sits on the wrapped policy's base, outside what DDP averages (it is frozen): one
+    base per rank, 16 bytes per trained and 4 per frozen parameter."""
+    out = tmp_path / "shared"
+    proc = torchrun(
+        os.path.join(REPO, "dvpo.py"), *tiny_dvpo_argv(tiny_world, tiny_lora_gvm, out, "--lora-r", "4", "--steps", "2")
+    )
+    assert proc.returncode == 0 and "second copy" not in proc.stdout, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    backbone = gvm.load_backbone(str(tiny_world / "sft"))[0]
+    base, head = sum(p.numel() for p in backbone.parameters()), backbone.config.hidden_size + 1
+    assert summary["params/frozen"] == base + summary["params/trained"] + head  # its adapter (the same rank), head
+    step = [r for r in training_records(out / "metrics.jsonl") if "objective/kl" in r][-1]
+    whole = 16 * summary["params/trained"] + 4 * summary["params/frozen"]
+    assert step["memory/update_state_bytes"] == pytest.approx(whole, rel=1e-3) and step["objective/kl"] > 0
+
+
 def test_a_bad_flag_under_torchrun_is_one_line_and_every_rank_exits_2(tiny_world, tiny_gvm, tmp_path):
     """Both ranks started by hand with the environment torchrun gives them, so each one's exit code and
     output are seen (torchrun stops the others once one fails, and reports only some)."""

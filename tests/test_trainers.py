@@ -238,11 +238,11 @@ def test_fp16_skips_a_step_on_overflow_and_lowers_the_loss_scale():
     prec = precision.Precision("fp16", "cpu")
     before, scale = layer.weight.detach().clone(), prec.scaler.get_scale()
     prec.backward(layer(torch.full((1, 3), float("inf"))).sum())
-    norm = prec.step(opt, layer.parameters(), 1.0)
+    norm = prec.step(opt, 1.0)
     assert not torch.isfinite(norm) and torch.equal(layer.weight, before) and prec.scaler.get_scale() == scale / 2
     opt.zero_grad()
     prec.backward(layer(torch.ones(1, 3)).sum())
-    prec.step(opt, layer.parameters(), 1.0)
+    prec.step(opt, 1.0)
     assert not torch.equal(layer.weight, before)
 
 
