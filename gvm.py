@@ -190,7 +190,7 @@ def shared_value_model(folder, policy, name, kind="gvm", flag="--gvm", trainable
     if "lora_base" not in meta:
         return None, "it was trained in full, not with --lora-r"
     if meta["lora_base"] != lora.base_fingerprint(policy):
-        return None, f"its base weights ({meta['base_model']}, --dtype {meta.get('base_dtype')}) are not the policy's"
+        return None, f"its base weights ({meta['base_model']}) are not the policy's"
     lora.load_adapter(policy, name, os.path.join(folder, lora.ADAPTER_DIR), trainable)
     dtype = torch.float32 if trainable else policy.get_base_model().dtype
     head = nn.Linear(policy.config.hidden_size, 1, dtype=dtype)
@@ -540,7 +540,7 @@ def train(args: Args, objective=None):
     t0 = time.time()
     meta = {"kind": objective.kind, "base_model": args.model, "data": args.data, **objective.meta()}
     if args.lora_r:  # which base weights the adapter was trained on: a policy with the same runs it on its own
-        meta.update(lora_base=lora.base_fingerprint(backbone), base_dtype=args.dtype)
+        meta.update(lora_base=lora.base_fingerprint(backbone))
 
     def shown(metrics):
         return " | ".join(

@@ -132,16 +132,18 @@ def save(model, folder):
 
 # ---------------------------------------------------------------------------------------------- one shared base
 def base_fingerprint(model):
-    """Hash of a backbone's weights as loaded (names, dtypes, shapes, bytes), adapters left out: a value model's
-    adapter goes onto a policy's base only if the two match. model: a backbone (a value model's), a causal LM (its
-    backbone is hashed, not its LM head), either with LoRA adapters. Cached: a base never trains."""
+    """Hash of a backbone's weights (names, sizes, values rounded to bf16), adapters left out: a value model's
+    adapter goes onto a policy's base only if the two match. Rounded, so that a GVM trained on the fp32 weights
+    fits the same weights loaded in bf16 (its separate copy would be rounded to bf16 too). model: a backbone (a
+    value model's), a causal LM (its backbone is hashed, not its LM head), either with LoRA adapters. Cached: a
+    base never trains."""
     if "base_fingerprint" not in model.__dict__:
         backbone = (model.get_base_model() if is_lora(model) else model).base_model  # a causal LM's backbone
         h = hashlib.sha256()
         for key, t in sorted(backbone.state_dict().items()):
             if ".lora_" not in key:
-                t = t.detach().reshape(-1).cpu()
-                h.update(f"{key.replace('.base_layer.', '.')} {t.dtype} {t.numel()}".encode())
+                t = t.detach().reshape(-1).to("cpu", torch.bfloat16 if t.is_floating_point() else t.dtype)
+                h.update(f"{key.replace('.base_layer.', '.')} {t.numel()}".encode())
                 h.update(memoryview(t.contiguous().view(torch.uint8).numpy()))
         model.__dict__["base_fingerprint"] = h.hexdigest()[:16]
     return model.__dict__["base_fingerprint"]

@@ -72,6 +72,9 @@ def test_a_value_model_from_another_base_or_trained_in_full_is_a_second_copy_wit
         out = capsys.readouterr().out
         assert out.startswith("dvpo: the GVM is a second copy of the base weights: ") and why in out
     assert {n.split(".")[-2] for n, _ in policy.named_parameters() if ".lora_A." in n} == {"default"}
+    _, _, bf16_policy, _ = lora_policy(tiny_world, dtype="bf16")  # the same weights in bf16: the same base
+    shared, why = gvm.shared_value_model(str(tiny_lora_gvm), bf16_policy, "gvm")
+    assert why is None and {p.dtype for p in shared.parameters()} == {torch.bfloat16}
 
 
 def test_a_shared_base_dvpo_run_holds_one_base_keeps_it_and_the_gvm_bit_identical_and_equals_two_copies(
