@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import gvm  # noqa: E402
-from helpers import ENV, FAMILIES, REPO, TINY_WORLD, build_tiny_model  # noqa: E402
+from helpers import ENV, FAMILIES, REPO, TINY_WORLD, build_tiny_model, lora_value_model  # noqa: E402
 from infra import models, world  # noqa: E402
 
 
@@ -79,21 +79,6 @@ def families(tmp_path_factory):
     for kind in FAMILIES:
         build_tiny_model(kind, str(root / kind))
     return root
-
-
-def lora_value_model(world_root, folder, kind):
-    """A value model (kind gvm or reward-model) trained with --lora-r 4 on the world's SFT backbone: 6 steps at a
-    high rate, enough for its adapter to differ from zero. Its adapter can sit on a LoRA policy's own base."""
-    import reward
-
-    pairs = str(world_root / "data" / "pairs_train.jsonl")
-    flags = dict(model=str(world_root / "sft"), data=pairs, eval_data=pairs, max_steps=6, lr=1e-2, warmup_steps=0)
-    flags.update(lora_r=4, eval_every=6, log_every=6)
-    if kind == "gvm":
-        gvm.train(gvm.Args(out=str(folder), **flags))
-    else:
-        reward.train_reward_model(str(folder), **flags)
-    return folder
 
 
 @pytest.fixture(scope="session")

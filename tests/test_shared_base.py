@@ -13,7 +13,7 @@ import gvm
 import ppo_baseline
 import remax_baseline
 import rollout
-from helpers import randomise_adapters, tiny_dvpo_argv, training_records
+from helpers import FAMILIES, lora_value_model, randomise_adapters, tiny_dvpo_argv, training_records
 from infra import lora, memory, models, precision
 
 
@@ -55,6 +55,24 @@ def test_the_gvm_on_the_policys_base_is_the_merged_gvm_and_the_policy_and_refere
         "params/trained": numel(named, ".default."),
         "params/frozen": n_base + numel(named, ".gvm.") + shared.head.weight.numel() + 1,  # one base
     }
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_each_familys_lora_gvm_fits_its_policys_layers(families, tiny_world, tmp_path, kind):
+    """The value model's adapter keys gain the causal LM's own prefix (model., transformer.): every layer found,
+    GPT-2's transposed Conv1D layers too, and the values those of the merged copy."""
+    world = tmp_path / "world"
+    (world / "data").mkdir(parents=True)
+    (world / "data" / "pairs_train.jsonl").write_text((tiny_world / "data" / "pairs_train.jsonl").read_text())
+    shutil.copytree(families / kind, world / "sft")
+    folder = lora_value_model(world, tmp_path / "gvm", "gvm")
+    _, tok, policy, _ = lora_policy(world)
+    shared, why = gvm.shared_value_model(str(folder), policy, "gvm")
+    assert why is None
+    ids = torch.tensor([tok("the plot was very good .")["input_ids"]])
+    with torch.no_grad():
+        merged = gvm.load_value_model(str(folder))[0](ids, torch.ones_like(ids))
+        assert torch.allclose(shared(ids, torch.ones_like(ids)), merged, atol=1e-5) and merged.abs().max() > 0
 
 
 def test_a_value_model_from_another_base_or_trained_in_full_is_a_second_copy_with_the_reason(
