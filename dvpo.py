@@ -183,14 +183,7 @@ def load_gvm(args, tok, device, dtype, policy):
         what = "a file, not a folder" if os.path.isfile(args.gvm) else "no such folder"
         raise UsageError(f"--gvm {args.gvm}: {what} (train one: python gvm.py --out FOLDER)")
     gvm.check_tokenizer(gvm.read_meta(args.gvm), tok, f"--gvm {args.gvm}", args.policy, "python gvm.py --model")
-    value_model, why = None, "--no-share-base"
-    if args.lora_r and args.share_base:
-        value_model, why = gvm.shared_value_model(args.gvm, policy, "gvm")
-    if value_model is None:
-        value_model, _, _ = gvm.load_value_model(args.gvm, device, dtype=dtype)
-        if args.lora_r:
-            print(f"dvpo: the GVM is a second copy of the base weights: {why}", flush=True)
-    return value_model.to(device).requires_grad_(False).eval()
+    return gvm.frozen_value_model(args.gvm, args, policy, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -164,18 +164,24 @@ def read_meta(folder, kind="gvm", flag="--gvm"):
     return meta
 
 
-def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch.float32):
-    """Load a checkpoint written by save_value_model: (ValueModel, tokenizer, meta). Later stages use this."""
+def load_head(head, folder, flag):
+    """The value head saved in folder loaded into `head` (in head's dtype); missing or damaged is one line."""
     from safetensors.torch import load_file
 
+    path = os.path.join(folder, HEAD_FILE)
+    try:
+        head.load_state_dict(load_file(path))
+    except Exception as e:  # missing, truncated or of another shape
+        raise UsageError(f"{flag} {path}: damaged or missing ({type(e).__name__})") from None
+    return head
+
+
+def load_value_model(folder, device="cpu", kind="gvm", flag="--gvm", dtype=torch.float32):
+    """Load a checkpoint written by save_value_model: (ValueModel, tokenizer, meta). Later stages use this."""
     meta = read_meta(folder, kind, flag)
     backbone, tok = load_backbone(folder, flag, dtype)
     model = ValueModel(backbone)
-    head = os.path.join(folder, HEAD_FILE)
-    try:
-        model.head.load_state_dict(load_file(head))
-    except Exception as e:  # missing, truncated or of another shape
-        raise UsageError(f"{flag} {head}: damaged or missing ({type(e).__name__})") from None
+    load_head(model.head, folder, flag)
     return model.to(device), tok, meta
 
 
@@ -184,8 +190,6 @@ def shared_value_model(folder, policy, name, kind="gvm", flag="--gvm", trainable
     weights serves both (docs/DVPO.md §7): a ValueModel of lora.Adapter(policy, name) and the saved head, in the
     base's dtype (trainable: the adapter trains and the head is an fp32 copy). (None, why) when folder's model was
     not trained with --lora-r on the same base weights; load_value_model then loads it as a second copy."""
-    from safetensors.torch import load_file
-
     meta = read_meta(folder, kind, flag)
     if "lora_base" not in meta:
         return None, "it was trained in full, not with --lora-r"
@@ -193,12 +197,22 @@ def shared_value_model(folder, policy, name, kind="gvm", flag="--gvm", trainable
         return None, f"its base weights ({meta['base_model']}) are not the policy's"
     lora.load_adapter(policy, name, os.path.join(folder, lora.ADAPTER_DIR), trainable)
     dtype = torch.float32 if trainable else policy.get_base_model().dtype
-    head = nn.Linear(policy.config.hidden_size, 1, dtype=dtype)
-    try:
-        head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
-    except Exception as e:  # missing, truncated or of another shape
-        raise UsageError(f"{flag} {folder}/{HEAD_FILE}: damaged or missing ({type(e).__name__})") from None
+    head = load_head(nn.Linear(policy.config.hidden_size, 1, dtype=dtype), folder, flag)
     return ValueModel(lora.Adapter(policy, name), head.requires_grad_(trainable)), None
+
+
+def frozen_value_model(folder, args, policy, device, dtype, name="gvm", kind="gvm", flag="--gvm"):
+    """The value model a trainer scores with, frozen for real (in no optimizer, requires_grad off, eval mode).
+    Given the LoRA policy (--lora-r, --share-base): an adapter on its own base if it was trained on it
+    (shared_value_model); else its own copy in --dtype, with one line saying why under --lora-r."""
+    model, why = None, "--no-share-base"
+    if args.lora_r and args.share_base and policy is not None:
+        model, why = shared_value_model(folder, policy, name, kind, flag)
+    if model is None:
+        model = load_value_model(folder, device, kind, flag, dtype)[0]
+        if args.lora_r and policy is not None:
+            print(f"{flag} {folder}: a second copy of the base weights: {why}", flush=True)
+    return model.to(device).requires_grad_(False).eval()
 
 
 def check_tokenizer(meta, tok, where, policy, hint):

@@ -115,14 +115,7 @@ def load_reward_model(path, args, tok, device, dtype, policy=None):
     gvm.py --lora-r trained on the policy's base weights is a frozen adapter on the policy's own base
     (gvm.shared_value_model; not with --no-share-base); any other is a second copy of the base."""
     gvm.check_tokenizer(gvm.read_meta(path, "reward-model", "--rm"), tok, f"--rm {path}", args.policy, "--policy")
-    model, why = None, "--no-share-base"
-    if args.lora_r and args.share_base and policy is not None:
-        model, why = gvm.shared_value_model(path, policy, "reward", "reward-model", "--rm")
-    if model is None:
-        model = gvm.load_value_model(path, device, kind="reward-model", flag="--rm", dtype=dtype)[0]
-        if args.lora_r and policy is not None:
-            print(f"the reward model is a second copy of the base weights: {why}", flush=True)
-    return model.to(device).requires_grad_(False).eval()
+    return gvm.frozen_value_model(path, args, policy, device, dtype, "reward", "reward-model", "--rm")
 
 
 def check_output(args):

@@ -88,7 +88,7 @@ def test_a_value_model_from_another_base_or_trained_in_full_is_a_second_copy_wit
         value_model = dvpo.load_gvm(args, tok, "cpu", torch.float32, policy)
         assert not isinstance(value_model.backbone, lora.Adapter)
         out = capsys.readouterr().out
-        assert out.startswith("dvpo: the GVM is a second copy of the base weights: ") and why in out
+        assert out.startswith(f"--gvm {folder}: a second copy of the base weights: ") and why in out
     assert {n.split(".")[-2] for n, _ in policy.named_parameters() if ".lora_A." in n} == {"default"}
     _, _, bf16_policy, _ = lora_policy(tiny_world, dtype="bf16")  # the same weights in bf16: the same base
     shared, why = gvm.shared_value_model(str(tiny_lora_gvm), bf16_policy, "gvm")
