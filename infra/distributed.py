@@ -57,7 +57,10 @@ def init(device):
 
 
 def close():
+    """Tear the process group down once every rank got here: a rank that destroys it while another still has
+    collectives in flight can take gloo's worker threads down with an abort."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
