@@ -124,6 +124,8 @@ def test_a_shared_base_dvpo_run_holds_one_base_keeps_it_and_the_gvm_bit_identica
     assert numel(after.items(), ".gvm.") > 0
     assert all(torch.equal(p, seen["head"][n]) for n, p in seen["gvm"].head.named_parameters())
     assert any(p.abs().sum() > 0 for n, p in named if "lora_B.default" in n)  # the policy's adapter trained
+    saved = sorted(f.name for f in (tmp_path / "shared" / lora.ADAPTER_DIR).iterdir())  # the policy's adapter alone
+    assert saved == ["README.md", "adapter_config.json", "adapter_model.safetensors"], saved
     summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in runs}
     n_base = sum(p.numel() for n, p in named if ".lora_" not in n)
     n_backbone = sum(p.numel() for p in gvm.load_backbone(str(tiny_world / "sft"))[0].parameters())

@@ -232,6 +232,15 @@ def test_learned_critic_advantages_line_up_with_each_response_whatever_the_paddi
         assert (together[i, len(x) :] == 0).all() and (returns[i, len(x) :] == 0).all()
 
 
+def test_a_step_clips_the_gradient_of_what_its_optimizer_steps_alone():
+    """On a shared base other models' adapters hold gradients of their own (PPO's critic): not the policy's norm."""
+    mine, other = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    mine.grad, other.grad = torch.tensor([3.0, 4.0]), torch.tensor([1e3, 1e3])
+    norm = precision.Precision("fp32", "cpu").step(torch.optim.SGD([mine], lr=1.0), 1.0)
+    assert norm.item() == pytest.approx(5.0) and torch.allclose(mine, torch.tensor([0.4, 0.2]))
+    assert torch.equal(other.grad, torch.tensor([1e3, 1e3]))
+
+
 def test_fp16_skips_a_step_on_overflow_and_lowers_the_loss_scale():
     layer = torch.nn.Linear(3, 1)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
