@@ -173,11 +173,15 @@ def load_adapter(model, name, folder, trainable=False):
             f"({len(missing)} missing, {len(loaded.unexpected_keys)} unexpected weights)"
         )
     dtype = model.get_base_model().dtype
-    for n, param in model.named_parameters():
-        if f".{name}." in n:  # a frozen adapter is stored as its base is (--dtype), a trained one in fp32 (peft's)
-            if not trainable:
-                param.data = param.data.to(dtype)
-            param.requires_grad_(trainable)
+    for _, param in adapter_parameters(model, name):
+        if not trainable:  # a frozen adapter is stored as its base is (--dtype), a trained one in fp32 (peft's)
+            param.data = param.data.to(dtype)
+        param.requires_grad_(trainable)
+
+
+def adapter_parameters(model, name):
+    """[(name, parameter)] of the LoRA model's adapter `name` (peft names them ...lora_A.<name>.weight)."""
+    return [(n, p) for n, p in model.named_parameters() if f".{name}." in n]
 
 
 @contextlib.contextmanager
@@ -201,9 +205,7 @@ class Adapter(torch.nn.Module):
         super().__init__()
         self.__dict__["model"] = model  # held outside the module tree, as WithoutAdapters holds it
         self.name, self.config = name, model.config
-        self.weights = torch.nn.ParameterDict(
-            {n.replace(".", "-"): p for n, p in model.named_parameters() if f".{name}." in n}
-        )
+        self.weights = torch.nn.ParameterDict({n.replace(".", "-"): p for n, p in adapter_parameters(model, name)})
 
     def active(self):
         return active(self.model, self.name)
